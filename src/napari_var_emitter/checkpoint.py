@@ -1,0 +1,72 @@
+"""Checkpoints: plain dicts of tensors and data, written atomically, loaded with
+``torch.load(weights_only=True)`` so that a file carrying code is refused, never run.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+
+import torch
+
+from . import __version__
+from .config import Config
+from .errors import CheckpointError, ConfigError
+from .io.atomic import atomic_path
+
+FORMAT = "napari-var-emitter-checkpoint-v1"
+
+
+def save_checkpoint(path, model_state: dict, config: Config, **extra) -> None:
+    """Write a checkpoint atomically (temporary file + rename: a crash or ``kill -9`` during
+    the write leaves the previous checkpoint intact)."""
+    payload = {"format": FORMAT, "package_version": __version__, "config": config.to_dict(),
+               "model": {k: v.detach().cpu() for k, v in model_state.items()}}
+    payload.update(extra)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load and check a checkpoint; every problem is a one-line :class:`CheckpointError`."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(path, "no such checkpoint file")
+    if os.path.isdir(path):
+        raise CheckpointError(path, "is a folder, not a checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses any global it does not know: a pickle that carries code
+        raise CheckpointError(path, "refused: the file holds Python objects other than tensors "
+                              f"and plain data (possibly code), it was not executed ({_first(e)})"
+                              ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError,
+            UnicodeDecodeError, AttributeError, KeyError, TypeError) as e:
+        raise CheckpointError(path, f"not a readable checkpoint ({_first(e)})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(path, "not a napari-var-emitter checkpoint (format key missing)")
+    try:
+        ckpt["config_obj"] = Config.from_dict(ckpt["config"])
+    except (ConfigError, KeyError) as e:
+        raise CheckpointError(path, f"its model configuration is invalid ({e})") from None
+    return ckpt
+
+
+def build_model_from_checkpoint(ckpt: dict, path="checkpoint"):
+    """Instantiate :class:`VarEmitterNet` from a loaded checkpoint and load its weights."""
+    from .model import VarEmitterNet
+
+    model = VarEmitterNet(ckpt["config_obj"].model)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(path, "weights do not match the model architecture of its "
+                              f"config ({_first(e)})") from None
+    return model
+
+
+def _first(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:200]

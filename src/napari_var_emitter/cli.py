@@ -1,0 +1,403 @@
+"""The ``var-emitter`` command line: simulate, train, predict, evaluate.
+
+Options accept ``--snake_case`` (as the original design's scripts) and ``--kebab-case``.
+A bad input or option ends with exit code 2 and one line ``error: ...`` on stderr naming the
+file and the problem; Ctrl-C ends with exit code 130 after cleaning up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+
+from . import __version__
+from .errors import Cancelled, VarEmitterError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage too)
+        sys.stderr.write(f"error: {self.prog}: {message}\n")
+        raise SystemExit(2)
+
+
+def _opt(p, name, **kw):
+    """Add an option under both its kebab-case and snake_case spellings."""
+    kebab = "--" + name.replace("_", "-")
+    snake = "--" + name.replace("-", "_")
+    names = [kebab] if kebab == snake else [kebab, snake]
+    p.add_argument(*names, dest=name.replace("-", "_"), **kw)
+
+
+def _camera_opts(p, with_read_noise=False):
+    _opt(p, "baseline", type=float, default=0.0, help="camera offset in ADU (default 0)")
+    _opt(p, "e-per-adu", type=float, default=1.0, help="electrons per ADU (default 1)")
+    _opt(p, "em-gain", type=float, default=1.0, help="EM gain (1 = no EM register)")
+    _opt(p, "qe", type=float, default=1.0, help="quantum efficiency (default 1)")
+    if with_read_noise:
+        _opt(p, "read-noise", type=float, default=0.0, help="read noise in electrons rms")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``var-emitter`` (all sub-commands)."""
+    p = _Parser(prog="var-emitter", description="VAR-style deep emitter localisation for SMLM")
+    p.add_argument("--version", action="version", version=f"napari-var-emitter {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("simulate", help="simulate SMLM frames in the design's data layout")
+    _opt(s, "out", required=True, help="output folder")
+    _opt(s, "name", default="sim", help="file stem (default sim)")
+    _opt(s, "frames", type=int, default=100)
+    _opt(s, "size", type=int, nargs=2, default=[40, 40], metavar=("H", "W"))
+    _opt(s, "pixel-size", type=float, default=100.0, help="camera pixel size in nm")
+    _opt(s, "density", type=float, default=1.0, help="active emitters per um^2 per frame")
+    _opt(s, "photons", type=float, nargs=2, default=[500.0, 5000.0], metavar=("MIN", "MAX"))
+    _opt(s, "background", type=float, nargs=2, default=[10.0, 30.0], metavar=("MIN", "MAX"))
+    _opt(s, "sigma", type=float, nargs=2, default=[1.0, 1.5], metavar=("MIN", "MAX"),
+         help="PSF sigma range in camera pixels")
+    _opt(s, "mean-on-frames", type=float, default=3.0)
+    _opt(s, "scene", choices=["uniform", "filaments"], default="uniform")
+    _camera_opts(s, with_read_noise=True)
+    _opt(s, "highres-factor", type=int, default=8)
+    _opt(s, "seed", type=int, default=0)
+
+    t = sub.add_parser("train", help="train or fine-tune a model")
+    _opt(t, "config", help="config.json (defaults when omitted)")
+    _opt(t, "tiff_dir", help="training TIFFs (the design's train_tiff/)")
+    _opt(t, "emitter_dir", help="emitter files with the same stems (train_emitters/)")
+    _opt(t, "simulate", action="store_true", help="train on on-the-fly simulated frames")
+    _opt(t, "unlabeled", action="store_true",
+         help="--tiff_dir holds unlabeled frames: reconstruction-only adaptation")
+    _opt(t, "output_dir", required=True)
+    _opt(t, "device", default="auto", help="auto, cpu, cuda or mps")
+    _opt(t, "init", help="start from these weights (fine-tune); 'bundled' = the shipped model")
+    _opt(t, "resume", help="continue exactly from this checkpoint (last_model.pth)")
+    _opt(t, "epochs", type=int, help="override training.num_epochs")
+    _opt(t, "steps_per_epoch", type=int, help="override training.steps_per_epoch")
+
+    r = sub.add_parser("predict", help="localise emitters in TIFF stacks")
+    r.add_argument("inputs", nargs="*", help="input TIFF files")
+    _opt(r, "input_dir", help="folder of input TIFFs")
+    _opt(r, "output_dir", required=True)
+    _opt(r, "checkpoint", help="model checkpoint (default: the bundled model)")
+    _opt(r, "config", help="config.json beside the checkpoint (checked for consistency)")
+    _opt(r, "batch_size", type=int, default=64)
+    _opt(r, "device", default="auto")
+    _opt(r, "pixel-size", type=float, default=None, help="nm (default: from the TIFF or 100)")
+    _camera_opts(r)
+    _opt(r, "threshold", type=float, default=0.5, help="detection probability threshold")
+    _opt(r, "no-maps", action="store_true", help="skip predictions.h5 (fast path)")
+    _opt(r, "no-figures", action="store_true", help="skip the PNG figures")
+    _opt(r, "overwrite", action="store_true", help="redo inputs whose outputs are complete")
+
+    e = sub.add_parser("evaluate", help="compare localisations with the ground truth")
+    _opt(e, "truth", required=True, help="ground truth: ThunderSTORM CSV or emitter H5")
+    _opt(e, "pred", required=True, help="our localizations.csv")
+    _opt(e, "tolerance-nm", type=float, default=250.0)
+    _opt(e, "pixel-size", type=float, default=100.0)
+    _opt(e, "frames", type=int, default=None, help="number of frames (counts empty frames)")
+    _opt(e, "photons", type=float, default=None, help="for crlb_rmse_nm: photons per emitter")
+    _opt(e, "background", type=float, default=None, help="for crlb_rmse_nm: photons/px")
+    _opt(e, "sigma-nm", type=float, default=None, help="for crlb_rmse_nm: PSF sigma in nm")
+    _opt(e, "em-gain", type=float, default=1.0, help="> 1: EMCCD (excess noise 2) in the CRLB")
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of ``var-emitter``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return {"simulate": cmd_simulate, "train": cmd_train, "predict": cmd_predict,
+                "evaluate": cmd_evaluate}[args.command](args)
+    except VarEmitterError as e:
+        if isinstance(e, Cancelled):
+            sys.stderr.write(f"error: {e}\n")
+            return 130
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+
+
+# -- simulate ------------------------------------------------------------------------------
+def cmd_simulate(a) -> int:
+    from .camera import Camera
+    from .simulation import simulate_movie, write_simulation
+
+    cam = Camera(baseline=a.baseline, e_per_adu=a.e_per_adu, em_gain=a.em_gain, qe=a.qe,
+                 read_noise=a.read_noise)
+    if a.frames < 1:
+        raise VarEmitterError(f"--frames must be >= 1, got {a.frames}")
+    if a.highres_factor < 1:
+        raise VarEmitterError(f"--highres-factor must be >= 1, got {a.highres_factor}")
+    movie = simulate_movie(a.frames, tuple(a.size), a.seed, a.density, a.pixel_size,
+                           tuple(a.photons), tuple(a.background), tuple(a.sigma), cam,
+                           a.mean_on_frames, a.scene, highres_factor=a.highres_factor)
+    paths = write_simulation(a.out, a.name, movie)
+    n = len(movie.table_in_view())
+    print(f"simulated {a.frames} frames of {a.size[0]}x{a.size[1]} px, {n} emitters in view")
+    for k, v in paths.items():
+        print(f"  {k}: {v}")
+    return 0
+
+
+# -- train ---------------------------------------------------------------------------------
+def cmd_train(a) -> int:
+    from .config import Config, load_config
+    from .dataset import TrainingData
+    from .inference import bundled_checkpoint_path
+    from .training import Trainer
+
+    cfg = load_config(a.config) if a.config else Config().validate()
+    if a.epochs is not None or a.steps_per_epoch is not None:
+        d = cfg.to_dict()
+        if a.epochs is not None:
+            d["training"]["num_epochs"] = a.epochs
+        if a.steps_per_epoch is not None:
+            d["training"]["steps_per_epoch"] = a.steps_per_epoch
+        cfg = Config.from_dict(d)
+    if a.simulate:
+        if a.tiff_dir or a.emitter_dir:
+            raise VarEmitterError("give either --simulate or --tiff_dir/--emitter_dir, not both")
+        data = TrainingData.simulated(cfg)
+    elif a.unlabeled:
+        if not a.tiff_dir:
+            raise VarEmitterError("--unlabeled needs --tiff_dir")
+        data = _unlabeled_folder(a.tiff_dir, cfg)
+    else:
+        if not (a.tiff_dir and a.emitter_dir):
+            raise VarEmitterError("give --tiff_dir and --emitter_dir, or --simulate")
+        data = TrainingData.from_folders(a.tiff_dir, a.emitter_dir, cfg)
+    init = bundled_checkpoint_path() if a.init == "bundled" else a.init
+    trainer = Trainer(cfg, data, a.output_dir, device=a.device, init=init, resume=a.resume)
+
+    def stop(signum, frame):  # SIGINT / SIGTERM: finish the step, write last_model.pth
+        trainer.cancel()
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = _progress_bar(trainer.total_steps, trainer.step, trainer.is_main)
+    cancelled = False
+    try:
+        for ev in trainer.events():
+            if ev.kind == "step" and bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{ev.losses.get('loss', float('nan')):.3g}")
+            elif ev.kind == "epoch" and trainer.is_main:
+                m = ev.metrics
+                msg = (f"epoch {ev.epoch}: val loss {m.get('loss', float('nan')):.4g}"
+                       + (f", jaccard {m['jaccard']:.3f}, rmse {m['rmse_nm']:.1f} nm, "
+                          f"efficiency {m['efficiency']:.1f}" if "jaccard" in m else ""))
+                (bar.write if bar is not None else print)(msg)
+            elif ev.kind == "cancelled":
+                cancelled = True
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if bar is not None:
+            bar.close()
+        trainer.close()
+    if cancelled:
+        sys.stderr.write(f"error: training interrupted at step {trainer.step}; resume with "
+                         f"--resume {trainer.last_checkpoint}\n")
+        return 130
+    if trainer.is_main:
+        print(f"best model: {trainer.best_checkpoint}")
+    return 0
+
+
+def _unlabeled_folder(tiff_dir, cfg):
+    import numpy as np
+
+    from .camera import Camera
+    from .dataset import TrainingData
+    from .errors import InputFileError
+    from .io.tiff import open_stack
+
+    files = sorted(f for f in os.listdir(tiff_dir) if f.lower().endswith((".tif", ".tiff")))
+    if not files:
+        raise InputFileError(tiff_dir, "no .tif/.tiff files in this folder")
+    frames = []
+    for f in files:
+        with open_stack(os.path.join(tiff_dir, f)) as st:
+            frames.append(np.asarray(st[:], np.float32))
+    d = cfg.data
+    cam = Camera(baseline=d.baseline, e_per_adu=d.e_per_adu, em_gain=d.em_gain, qe=d.qe)
+    return TrainingData.unlabeled(np.concatenate(frames), cfg, camera=cam, name=tiff_dir)
+
+
+def _progress_bar(total, start, show):
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                disable=not sys.stderr.isatty() and os.environ.get("VAR_EMITTER_PROGRESS") != "1")
+
+
+# -- predict -------------------------------------------------------------------------------
+def cmd_predict(a) -> int:
+    from .camera import Camera
+    from .config import load_config
+    from .errors import ConfigError, InputFileError
+    from .inference import Predictor
+    from .io.tiff import open_stack
+    from .outputs import write_figures, write_tables
+
+    inputs = list(a.inputs)
+    if a.input_dir:
+        if not os.path.isdir(a.input_dir):
+            raise InputFileError(a.input_dir, "no such folder")
+        inputs += sorted(os.path.join(a.input_dir, f) for f in os.listdir(a.input_dir)
+                         if f.lower().endswith((".tif", ".tiff")))
+        if not inputs:
+            raise InputFileError(a.input_dir, "no .tif/.tiff files in this folder")
+    if not inputs:
+        raise ConfigError("no input: give TIFF files or --input_dir")
+    if a.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {a.batch_size}")
+    if not 0 < a.threshold <= 1:
+        raise ConfigError(f"--threshold must be in (0, 1], got {a.threshold}")
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in inputs]
+    if len(set(stems)) != len(stems):
+        raise ConfigError("two inputs share a file name; their outputs would collide")
+    for p in inputs:
+        if not os.path.isfile(p):
+            raise InputFileError(p, "no such file")
+    camera = Camera(baseline=a.baseline, e_per_adu=a.e_per_adu, em_gain=a.em_gain, qe=a.qe)
+    _check_writable(a.output_dir)
+    predictor = (Predictor.from_checkpoint(a.checkpoint, device=a.device) if a.checkpoint
+                 else Predictor.from_pretrained(device=a.device))
+    if a.config:
+        cfg = load_config(a.config)
+        if cfg.model != predictor.config.model:
+            raise ConfigError(f"{a.config}: its model section does not match the checkpoint's")
+    # several processes (torchrun) split the inputs between them; no process pool here
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    mine = list(zip(inputs, stems))[rank::world]
+    failures = 0
+    for path, stem in mine:
+        final = os.path.join(a.output_dir, stem)
+        if os.path.isdir(final) and not a.overwrite and _complete(final, a):
+            print(f"{path}: outputs complete in {final}, skipped (use --overwrite to redo)")
+            continue
+        tmp = tempfile.mkdtemp(prefix=f".{stem}.partial-", dir=a.output_dir)
+        try:
+            with open_stack(path) as stack:
+                px = a.pixel_size or stack.pixel_size_nm or 100.0
+                attrs = {"model_id": predictor.model_id, "config": predictor.config.to_dict(),
+                         "camera": camera.to_dict(), "pixel_size_nm": float(px),
+                         "input": os.path.abspath(path)}
+                gen = predictor.predict_iter(
+                    stack, camera=camera, pixel_size_nm=px, threshold=a.threshold,
+                    batch_size=a.batch_size, maps=not a.no_maps, name=path,
+                    maps_h5=None if a.no_maps else os.path.join(tmp, "predictions.h5"),
+                    h5_attrs=attrs)
+                bar = _progress_bar(len(stack), 0, True)
+                result = None
+                while True:
+                    try:
+                        ev = next(gen)
+                    except StopIteration as s:
+                        result = s.value
+                        break
+                    if bar is not None:
+                        bar.n = ev.done
+                        bar.refresh()
+                if bar is not None:
+                    bar.close()
+                write_tables(tmp, result)
+                if not a.no_figures:
+                    write_figures(tmp, stack, result)
+                _close_maps(result)
+            _replace_dir(tmp, final)
+            print(f"{path}: {len(result.localizations)} localisations in "
+                  f"{result.shape[0]} frames -> {final}")
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, VarEmitterError) and len(mine) > 1 and not isinstance(e, Cancelled):
+                sys.stderr.write(f"error: {e}\n")
+                failures += 1
+                continue
+            raise
+    return 2 if failures else 0
+
+
+def _complete(folder, a) -> bool:
+    need = ["localizations.csv", "localizations.hdf5", "localizations.yaml"]
+    if not a.no_maps:
+        need.append("predictions.h5")
+    return all(os.path.exists(os.path.join(folder, n)) for n in need)
+
+
+def _close_maps(result):
+    for d in result.maps.values():
+        for ds in d.values():
+            f = getattr(ds, "file", None)
+            if f is not None:
+                try:
+                    f.close()
+                except Exception:  # noqa: BLE001 - already closed
+                    pass
+                return
+
+
+def _replace_dir(tmp, final):
+    """Move a finished output folder into place (the old one, if any, goes only after)."""
+    if os.path.exists(final):
+        old = final + ".old-" + os.path.basename(tmp)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _check_writable(folder):
+    from .errors import OutputError
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-", delete=True)
+        probe.close()
+    except OSError as e:
+        raise OutputError(f"{folder}: output folder cannot be written "
+                          f"({e.strerror or e})") from None
+
+
+# -- evaluate ------------------------------------------------------------------------------
+def cmd_evaluate(a) -> int:
+    from .io.emitters import read_emitters
+    from .metrics import crlb_mortensen, evaluate_tables
+
+    truth, _ = read_emitters(a.truth, pixel_size_nm=a.pixel_size)
+    pred, _ = read_emitters(a.pred, pixel_size_nm=a.pixel_size)
+    res = evaluate_tables(truth, pred, tolerance_nm=a.tolerance_nm, pixel_size_nm=a.pixel_size,
+                          n_frames=a.frames)
+    if a.photons is not None and a.background is not None and a.sigma_nm is not None:
+        c = crlb_mortensen(a.photons, a.background, a.sigma_nm, a.pixel_size,
+                           emccd=a.em_gain > 1)
+        res["crlb_rmse_nm"] = float(c) * 2 ** 0.5  # lateral: both axes
+    print(json.dumps({k: _jsonable(v) for k, v in res.items()}))
+    return 0
+
+
+def _jsonable(v):
+    try:
+        import numpy as np
+
+        if isinstance(v, np.generic):
+            v = v.item()
+    except ImportError:
+        pass
+    if isinstance(v, float) and v != v:
+        return None
+    return v
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

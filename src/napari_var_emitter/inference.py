@@ -1,0 +1,386 @@
+"""Inference: ADU stack in, localisations (and optionally multi-scale maps) out.
+
+:class:`Predictor` wraps a trained :class:`~napari_var_emitter.model.VarEmitterNet`.
+``predict_iter`` is a generator (it yields :class:`ProgressEvent` per batch and *returns* a
+:class:`PredictionResult`), so the same code drives the command line, a napari
+``thread_worker`` and plain tests. Frames of any size are cut into overlapping tiles of the
+model's input size; each tile owns a "core" region and the cores partition the frame, so an
+emitter on a tile border is reported exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .camera import Camera
+from .checkpoint import build_model_from_checkpoint, load_checkpoint
+from .config import Config
+from .errors import Cancelled, CheckpointError, InputFileError
+from .table import LOC_DTYPE, concat_tables, empty_table
+
+#: smallest frame side the model accepts (smaller frames carry too little context)
+MIN_FRAME_SIDE = 8
+BUNDLED_WEIGHTS = "var_emitter_default.pth"
+
+
+@dataclass
+class ProgressEvent:
+    """Progress of a running prediction: frames done out of total, localisations so far."""
+
+    done: int
+    total: int
+    n_localizations: int = 0
+
+
+@dataclass
+class PredictionResult:
+    """Localisations (``table.LOC_DTYPE``, input pixels) and, when asked, the maps:
+    ``maps[f][name]`` array-like of shape (T, f*H, f*W) for name in :data:`MAP_NAMES`."""
+
+    localizations: np.ndarray
+    shape: tuple
+    pixel_size_nm: float
+    factors: list
+    loc_factor: int
+    maps: dict = field(default_factory=dict)
+    camera: Camera = field(default_factory=Camera)
+
+
+MAP_NAMES = ("probability", "offset_x", "offset_y", "uncertainty_x", "uncertainty_y", "photons")
+_MAP_KEYS = {"probability": "prob", "offset_x": "offset_x", "offset_y": "offset_y",
+             "uncertainty_x": "sigma_x", "uncertainty_y": "sigma_y", "photons": "photons"}
+
+
+def available_devices() -> list[str]:
+    """Device choices on this machine: ``auto``, ``cpu`` and ``cuda``/``mps`` when present."""
+    devs = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        devs.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devs.append("mps")
+    return devs
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA, then MPS, then CPU; anything else is checked to exist."""
+    from .errors import ConfigError
+
+    name = str(device)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                              and torch.backends.mps.is_available()):
+        raise ConfigError("device 'mps' requested but MPS is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r} (use auto, cpu, cuda or mps)") from None
+
+
+def bundled_checkpoint_path() -> str:
+    """Path of the model shipped inside the package."""
+    return str(resources.files("napari_var_emitter") / "weights" / BUNDLED_WEIGHTS)
+
+
+def tile_grid(size: int, tile: int, margin: int):
+    """Tile starts along one axis and the core boundaries that partition ``[0, size)``.
+
+    Returns ``(starts, bounds)``: tile k covers ``[starts[k], starts[k] + tile)`` and owns the
+    pixels ``[bounds[k], bounds[k+1])``. Neighbouring tiles overlap by at least ``2*margin``
+    so every owned pixel is at least ``margin`` from a cut edge of its tile.
+    """
+    if size <= tile:
+        return [0], [0, size]
+    stride = max(tile - 2 * margin, 1)
+    starts = list(range(0, size - tile, stride)) + [size - tile]
+    starts = sorted(set(starts))
+    bounds = [0] + [(starts[k + 1] + starts[k] + tile) // 2 for k in range(len(starts) - 1)] + [size]
+    return starts, bounds
+
+
+def decode_maps(m: dict, f: int, threshold: float, min_prob: float = 0.05) -> list[np.ndarray]:
+    """Localisations from the maps of one scale (tensors (N, f*H, f*W)), one table per tile.
+
+    A candidate is a 3x3 local maximum of the probability map; its detection probability is
+    the probability integrated over the 3x3 neighbourhood (capped at 1), which must reach
+    ``threshold``. The position is the map pixel's centre plus the predicted offset.
+    """
+    p = m["prob"].float()
+    pmax = F.max_pool2d(p[:, None], 3, 1, 1)[:, 0]
+    psum = F.avg_pool2d(p[:, None], 3, 1, 1, count_include_pad=True)[:, 0] * 9.0
+    peak = (p >= pmax) & (p > min_prob) & (psum >= threshold)
+    n, j, i = torch.nonzero(peak, as_tuple=True)
+    cols = {
+        "x": (i.float() + 0.5) / f - 0.5 + m["offset_x"][n, j, i].float(),
+        "y": (j.float() + 0.5) / f - 0.5 + m["offset_y"][n, j, i].float(),
+        "photons": m["photons"][n, j, i].float(),
+        "background": m["background"][n, j, i].float(),
+        "prob": psum[n, j, i].clamp(max=1.0),
+        "unc_x": m["sigma_x"][n, j, i].float(),
+        "unc_y": m["sigma_y"][n, j, i].float(),
+    }
+    cols = {k: v.cpu().numpy() for k, v in cols.items()}
+    n = n.cpu().numpy()
+    out = []
+    order = np.argsort(n, kind="stable")
+    edges = np.searchsorted(n[order], np.arange(p.shape[0] + 1))
+    for k in range(p.shape[0]):
+        sel = order[edges[k]:edges[k + 1]]
+        t = empty_table(len(sel))
+        for name, v in cols.items():
+            t[name] = v[sel]
+        t["sigma"] = np.nan
+        out.append(t)
+    return out
+
+
+class Predictor:
+    """A trained model ready for inference (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, config: Config, device="auto",
+                 model_id: str = "custom"):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.config = config
+        self.model_id = model_id
+
+    @classmethod
+    def from_checkpoint(cls, path, device="auto") -> "Predictor":
+        """Load a checkpoint written by training (``best_model.pth`` / ``last_model.pth``)."""
+        ckpt = load_checkpoint(path)
+        model = build_model_from_checkpoint(ckpt, path)
+        return cls(model, ckpt["config_obj"], device=device,
+                   model_id=ckpt.get("model_id", os.path.basename(os.fspath(path))))
+
+    @classmethod
+    def from_pretrained(cls, device="auto") -> "Predictor":
+        """The model shipped inside the package (loaded offline)."""
+        path = bundled_checkpoint_path()
+        if not os.path.exists(path):
+            raise CheckpointError(path, "the bundled model is missing from this installation")
+        return cls.from_checkpoint(path, device=device)
+
+    @property
+    def factors(self) -> list[int]:
+        return list(self.config.model.factors)
+
+    @property
+    def loc_factor(self) -> int:
+        return int(self.config.model.loc_factor)
+
+    def predict(self, stack, **kwargs) -> PredictionResult:
+        """Run :meth:`predict_iter` to the end and return its result."""
+        return run_to_end(self.predict_iter(stack, **kwargs))
+
+    def predict_iter(self, stack, camera: Camera | None = None, pixel_size_nm: float = 100.0,
+                     threshold: float = 0.5, batch_size: int = 32, maps: bool = True,
+                     maps_h5=None, name: str = "input", cancel=None, h5_attrs=None):
+        """Localise every frame of ``stack`` (T, H, W) or (H, W) in ADU.
+
+        Yields a :class:`ProgressEvent` after each batch and returns a
+        :class:`PredictionResult`. ``maps=True`` computes every scale; with ``maps_h5`` the
+        maps stream into that HDF5 file (``predictions.h5`` layout) and the result's maps
+        read lazily from it, so memory does not grow with the number of frames.
+        ``cancel`` is an optional callable returning True to stop (raises :class:`Cancelled`).
+        """
+        from .outputs import PredictionsH5Writer
+
+        camera = camera or Camera()
+        if not 0 < threshold <= 1:
+            from .errors import ConfigError
+            raise ConfigError(f"threshold must be in (0, 1], got {threshold}")
+        if batch_size < 1:
+            from .errors import ConfigError
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        shape = tuple(int(s) for s in getattr(stack, "shape", np.shape(stack)))
+        single = len(shape) == 2
+        if single:
+            stack = np.asarray(stack)[None]
+            shape = (1,) + shape
+        if len(shape) != 3:
+            raise InputFileError(name, f"expected frames of shape (T, H, W) or (H, W), got {shape}")
+        t_total, h, w = shape
+        if h < MIN_FRAME_SIDE or w < MIN_FRAME_SIDE:
+            raise InputFileError(name, f"frames of {h}x{w} pixels are smaller than the model can "
+                                 f"use (at least {MIN_FRAME_SIDE}x{MIN_FRAME_SIDE})")
+        factors = self.factors if maps else [self.loc_factor]
+        th, tw = self.config.model.input_size
+        margin = max(2, min(th, tw) // 6)
+        ys, ybounds = tile_grid(h, th, margin)
+        xs, xbounds = tile_grid(w, tw, margin)
+        ctx = self.config.model.context_frames
+        half = ctx // 2
+        frames_per_batch = max(1, batch_size // (len(ys) * len(xs)))
+        writer = None
+        mem_maps = None
+        if maps and maps_h5 is not None:
+            writer = PredictionsH5Writer(maps_h5, (t_total, h, w), factors, attrs=h5_attrs)
+        elif maps:
+            mem_maps = {f: {k: np.zeros((t_total, f * h, f * w), np.float32) for k in MAP_NAMES}
+                        for f in factors}
+        tables = []
+        n_locs = 0
+        autocast = (torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda"
+                    else _nullcontext())
+        try:
+            for t0 in range(0, t_total, frames_per_batch):
+                if cancel is not None and cancel():
+                    raise Cancelled("prediction cancelled")
+                t1 = min(t0 + frames_per_batch, t_total)
+                lo, hi = max(t0 - half, 0), min(t1 + half, t_total)
+                block = _read_block(stack, lo, hi, name)
+                photons = camera.adu_to_photons(block)
+                tiles, where = _cut_tiles(photons, t0 - lo, t1 - lo, ctx, ys, xs, th, tw)
+                with torch.inference_mode(), autocast:
+                    x = torch.from_numpy(tiles).to(self.device)
+                    out = self.model(x, factors=factors, with_recon=False)["maps"]
+                tile_tables = decode_maps(out[self.loc_factor], self.loc_factor, threshold)
+                for (ti, ky, kx), tab in zip(where, tile_tables):
+                    r0, c0 = ys[ky], xs[kx]
+                    tab["x"] += c0
+                    tab["y"] += r0
+                    keep = ((tab["y"] >= ybounds[ky] - 0.5) & (tab["y"] < ybounds[ky + 1] - 0.5)
+                            & (tab["x"] >= xbounds[kx] - 0.5) & (tab["x"] < xbounds[kx + 1] - 0.5))
+                    tab = tab[keep]
+                    tab["frame"] = t0 + ti
+                    tables.append(tab)
+                    n_locs += len(tab)
+                if maps:
+                    stitched = _stitch_maps(out, factors, t1 - t0, where, ys, xs, ybounds,
+                                            xbounds, h, w)
+                    if writer is not None:
+                        writer.write_maps(t0, stitched)
+                    else:
+                        for f in factors:
+                            for k in MAP_NAMES:
+                                mem_maps[f][k][t0:t1] = stitched[f][k]
+                yield ProgressEvent(t1, t_total, n_locs)
+            locs = concat_tables(tables) if tables else empty_table(0)
+            locs = _sort_table(locs)
+            if writer is not None:
+                writer.write_localizations(locs)
+                writer.close()
+                result_maps = writer.open_lazy()
+            else:
+                result_maps = mem_maps or {}
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        return PredictionResult(localizations=locs, shape=(t_total, h, w),
+                                pixel_size_nm=float(pixel_size_nm), factors=factors,
+                                loc_factor=self.loc_factor, maps=result_maps, camera=camera)
+
+
+def run_to_end(gen):
+    """Exhaust a generator and return its return value."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _read_block(stack, lo, hi, name) -> np.ndarray:
+    block = np.asarray(stack[lo:hi])
+    if block.ndim != 3:
+        raise InputFileError(name, f"expected frames of shape (T, H, W), got a block of {block.shape}")
+    if block.dtype.kind == "f" and not np.isfinite(block).all():
+        bad = int(np.nonzero(~np.isfinite(block).reshape(len(block), -1).all(1))[0][0])
+        raise InputFileError(name, f"frame {lo + bad} contains NaN or Inf values")
+    if block.dtype.kind not in "uif":
+        raise InputFileError(name, f"unsupported pixel type {block.dtype}")
+    return block
+
+
+def _cut_tiles(photons, a, b, ctx, ys, xs, th, tw):
+    """Tiles (N, ctx, th, tw) for frames ``a..b-1`` of the block, padded with the frame's
+    median where the frame is smaller than a tile, and their (frame, ky, kx) indices."""
+    t, h, w = photons.shape
+    if h < th or w < tw:
+        med = np.median(photons.reshape(t, -1), axis=1)[:, None, None]
+        padded = np.broadcast_to(med, (t, max(h, th), max(w, tw))).copy()
+        padded[:, :h, :w] = photons
+        photons = padded
+    half = ctx // 2
+    tiles, where = [], []
+    for ti in range(a, b):
+        idx = np.clip(np.arange(ti - half, ti + half + 1), 0, t - 1)
+        frames = photons[idx]
+        for ky, r0 in enumerate(ys):
+            for kx, c0 in enumerate(xs):
+                tiles.append(frames[:, r0:r0 + th, c0:c0 + tw])
+                where.append((ti - a, ky, kx))
+    return np.ascontiguousarray(np.stack(tiles), dtype=np.float32), where
+
+
+def _stitch_maps(out, factors, n_frames, where, ys, xs, ybounds, xbounds, h, w):
+    """Assemble per-tile maps into whole-frame maps using each tile's core region."""
+    res = {}
+    for f in factors:
+        m = out[f]
+        arrays = {k: m[_MAP_KEYS[k]].float().cpu().numpy() for k in MAP_NAMES}
+        frame_maps = {k: np.zeros((n_frames, f * h, f * w), np.float32) for k in MAP_NAMES}
+        for n, (ti, ky, kx) in enumerate(where):
+            r0, c0 = ys[ky], xs[kx]
+            ra, rb = ybounds[ky], ybounds[ky + 1]
+            ca, cb = xbounds[kx], xbounds[kx + 1]
+            for k in MAP_NAMES:
+                frame_maps[k][ti, f * ra:f * rb, f * ca:f * cb] = \
+                    arrays[k][n, f * (ra - r0):f * (rb - r0), f * (ca - c0):f * (cb - c0)]
+        res[f] = frame_maps
+    return res
+
+
+def _sort_table(t):
+    order = np.lexsort((t["x"], t["y"], t["frame"]))
+    return t[order]
+
+
+def render_super_resolution(table, shape, pixel_size_nm: float, render_px_nm: float = 10.0,
+                            blur_nm: float | None = None, max_side: int = 4096) -> np.ndarray:
+    """Gaussian-blurred 2-D histogram of all localisations (the super-resolution image).
+
+    ``shape`` is the (H, W) of the input frames in pixels; the output has
+    ``pixel_size_nm / render_px_nm`` times more pixels per axis (capped at ``max_side``).
+    ``blur_nm`` defaults to the median localisation uncertainty (at least one render pixel).
+    """
+    from scipy.ndimage import gaussian_filter
+
+    h, w = shape[-2:]
+    zoom = max(1, int(round(pixel_size_nm / render_px_nm)))
+    zoom = max(1, min(zoom, max_side // max(h, w, 1)))
+    img = np.zeros((h * zoom, w * zoom), np.float32)
+    t = np.asarray(table, dtype=LOC_DTYPE)
+    if len(t):
+        xi = np.floor((t["x"] + 0.5) * zoom).astype(int)
+        yi = np.floor((t["y"] + 0.5) * zoom).astype(int)
+        ok = (xi >= 0) & (xi < w * zoom) & (yi >= 0) & (yi < h * zoom)
+        np.add.at(img, (yi[ok], xi[ok]), 1.0)
+        if blur_nm is None:
+            unc = np.sqrt((t["unc_x"] ** 2 + t["unc_y"] ** 2) / 2)
+            unc = unc[np.isfinite(unc)]
+            blur_nm = float(np.median(unc) * pixel_size_nm) if len(unc) else render_px_nm
+        sig = max(blur_nm / (pixel_size_nm / zoom), 1.0)
+        img = gaussian_filter(img, sig)
+    return img

@@ -1,0 +1,1 @@
+"""File input/output: TIFF stacks, emitter/localisation tables, atomic writes."""

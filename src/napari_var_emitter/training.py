@@ -1,0 +1,359 @@
+"""Training: progressive multi-scale optimisation with checkpoints, TensorBoard and DDP.
+
+:class:`Trainer` is the one implementation behind ``var-emitter train`` and the napari
+training widget. ``Trainer.events()`` is a generator of :class:`TrainEvent` (steps, epochs,
+validation metrics); ``cancel()`` stops it cooperatively after writing a resumable
+``last_model.pth``. Under ``torchrun`` it trains data-parallel with DistributedDataParallel
+(NCCL on GPUs, gloo on CPU); only rank 0 writes files.
+
+Progressive training (the design's ``progressive``/``warmup_epochs``/``scale_schedule``):
+the coarsest target scale trains from the start; finer scales are switched in one after
+another over the warm-up epochs ('linear': each ramps its weight from 0 to 1 over its share
+of the warm-up; 'step': switched on at once; 'none': all scales from the start).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config
+from .dataset import TrainingData, collate_targets
+from .errors import CheckpointError, VarEmitterError
+from .inference import decode_maps, resolve_device
+
+
+class TrainingError(VarEmitterError):
+    """Training cannot go on (for example the loss stays NaN)."""
+
+
+@dataclass
+class TrainEvent:
+    """What the trainer reports: ``kind`` is step, epoch, done or cancelled."""
+
+    kind: str
+    epoch: int
+    step: int
+    total_steps: int
+    losses: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+
+def scale_ramp(factors, epoch_float: float, cfg) -> dict:
+    """Weight in [0, 1] of each target scale at a (fractional) epoch."""
+    tr = cfg.training
+    n = len(factors)
+    if not tr.progressive or tr.scale_schedule == "none" or tr.warmup_epochs == 0 or n == 1:
+        return {f: 1.0 for f in factors}
+    share = tr.warmup_epochs / (n - 1)
+    ramp = {factors[0]: 1.0}
+    for i, f in enumerate(factors[1:], start=1):
+        start = (i - 1) * share
+        if tr.scale_schedule == "step":
+            w = 1.0 if epoch_float >= start else 0.0
+        else:
+            w = float(np.clip((epoch_float - start) / share, 0.0, 1.0))
+        if w > 0:
+            ramp[f] = w
+    return ramp
+
+
+def _dist_info():
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    return ws, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+class Trainer:
+    """Train a :class:`VarEmitterNet` on a :class:`TrainingData` (see module docstring)."""
+
+    def __init__(self, config: Config, data: TrainingData, output_dir, device="auto",
+                 init=None, resume=None, log_every: int = 10, tensorboard: bool = True):
+        from .losses import VarEmitterLoss
+        from .model import VarEmitterNet
+
+        self.config = config.validate()
+        self.data = data
+        self.output_dir = os.fspath(output_dir)
+        self.world_size, self.rank, local_rank = _dist_info()
+        self.distributed = self.world_size > 1
+        if self.distributed and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and str(device) != "cpu" else "gloo"
+            torch.distributed.init_process_group(backend=backend)
+        if self.distributed and torch.cuda.is_available() and str(device) in ("auto", "cuda"):
+            torch.cuda.set_device(local_rank)
+            self.device = torch.device("cuda", local_rank)
+        else:
+            self.device = resolve_device(device)
+        self.is_main = self.rank == 0
+        self.log_every = log_every
+        self._cancel = False
+        self.best_checkpoint = os.path.join(self.output_dir, "best_model.pth")
+        self.last_checkpoint = os.path.join(self.output_dir, "last_model.pth")
+
+        tr = self.config.training
+        torch.manual_seed(tr.seed + self.rank)
+        self.rng = np.random.default_rng(tr.seed + 1000 * self.rank)
+        self.model = VarEmitterNet(self.config.model).to(self.device)
+        self.factors = list(self.config.model.factors)
+        self.loss_fn = VarEmitterLoss(self.config.loss, self.factors)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tr.learning_rate,
+                                           weight_decay=tr.weight_decay)
+        self.total_steps = tr.num_epochs * tr.steps_per_epoch
+        warm = max(1, min(self.total_steps // 20, 500))
+
+        def lr_lambda(step):
+            if step < warm:
+                return (step + 1) / warm
+            if tr.lr_schedule == "constant":
+                return 1.0
+            prog = (step - warm) / max(1, self.total_steps - warm)
+            return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(prog, 1.0)))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self.amp_dtype = self._amp_dtype(tr.mixed_precision)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.step = 0
+        self.best_metric = -math.inf
+        self.history: list[dict] = []
+        if init is not None:
+            ckpt = load_checkpoint(init)
+            src = build_model_from_checkpoint(ckpt, init)
+            if ckpt["config_obj"].model != self.config.model:
+                raise CheckpointError(init, "its model section differs from this config's "
+                                      "(fine-tuning needs the same architecture)")
+            self.model.load_state_dict(src.state_dict())
+        if resume is not None:
+            self._load_resume(resume)
+        self.module = self.model
+        if self.distributed:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                # finer scales are switched off early in progressive training
+                find_unused_parameters=True)
+        self.writer = None
+        if self.is_main:
+            os.makedirs(self.output_dir, exist_ok=True)
+            self.config.save(os.path.join(self.output_dir, "config.json"))
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(os.path.join(self.output_dir, "tensorboard"))
+
+    # -- public API -------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Ask the training loop to stop after the current step (a checkpoint is kept)."""
+        self._cancel = True
+
+    def run(self, callback=None) -> list[dict]:
+        """Train to the end (or cancellation); ``callback(event)`` sees every event."""
+        for ev in self.events():
+            if callback is not None:
+                callback(ev)
+        return self.history
+
+    def events(self):
+        """Generator of :class:`TrainEvent`; the training happens while it is iterated."""
+        tr = self.config.training
+        try:
+            while self.step < self.total_steps:
+                epoch = self.step // tr.steps_per_epoch
+                ramp = scale_ramp(self.factors, self.step / tr.steps_per_epoch, self.config)
+                losses = self._train_step(ramp)
+                self.step += 1
+                if self.step % self.log_every == 0 or self.step == 1:
+                    self._log_scalars("train", losses, self.step)
+                yield TrainEvent("step", epoch, self.step, self.total_steps, losses)
+                if self._cancel_requested():
+                    self._save(self.last_checkpoint, {})
+                    yield TrainEvent("cancelled", epoch, self.step, self.total_steps, losses)
+                    return
+                if self.step % tr.steps_per_epoch == 0:
+                    metrics = self.validate()
+                    self._log_scalars("val", metrics, self.step)
+                    self.history.append({"epoch": epoch + 1, "step": self.step, **metrics})
+                    score = metrics.get("efficiency", -metrics.get("loss", 0.0))
+                    if self.is_main:
+                        if score > self.best_metric:
+                            self.best_metric = score
+                            self._save(self.best_checkpoint, metrics)
+                        self._save(self.last_checkpoint, metrics)
+                    yield TrainEvent("epoch", epoch + 1, self.step, self.total_steps, losses,
+                                     metrics)
+            yield TrainEvent("done", self.step // tr.steps_per_epoch, self.step,
+                             self.total_steps, {}, self.history[-1] if self.history else {})
+        finally:
+            if self.writer is not None:
+                self.writer.flush()
+
+    def close(self) -> None:
+        """Release the TensorBoard writer (and the process group when distributed)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    # -- internals --------------------------------------------------------------------
+    def _cancel_requested(self) -> bool:
+        flag = self._cancel
+        if self.distributed:
+            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+            torch.distributed.all_reduce(t)
+            flag = bool(t.item() > 0)
+        return flag
+
+    def _amp_dtype(self, mode):
+        if mode == "off":
+            return None
+        if self.device.type == "cuda":
+            if mode == "bf16":
+                return torch.bfloat16
+            return torch.float16
+        if mode == "bf16":
+            return torch.bfloat16
+        return None  # auto/fp16 on CPU: full precision (CPU fp16 autocast is slow)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _train_step(self, ramp) -> dict:
+        tr = self.config.training
+        self.model.train()
+        batch = self.data.train_batch(tr.batch_size, self.rng)
+        x = torch.from_numpy(batch.frames).to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            if batch.labeled:
+                out = self.model(x, factors=list(ramp), with_recon=True)
+            else:
+                out = self.model(x, factors=[], with_recon=True)
+        target = collate_targets(batch, self.device) if batch.labeled else None
+        total, logs = self.loss_fn(out, target, scale_ramp=ramp if batch.labeled else {})
+        if not torch.isfinite(total):
+            self._bad_steps = getattr(self, "_bad_steps", 0) + 1
+            if self._bad_steps > 20:
+                raise TrainingError("the loss was NaN/Inf for 20 steps in a row; lower "
+                                    "training.learning_rate or check the data")
+            return {"loss": float("nan"), "skipped": 1.0}
+        self._bad_steps = 0
+        self.scaler.scale(total).backward()
+        if tr.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        logs = {k: float(v) for k, v in logs.items()}
+        logs["loss"] = float(total.detach())
+        logs["lr"] = self.optimizer.param_groups[0]["lr"]
+        return logs
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Loss and localisation metrics (Jaccard, RMSE, efficiency) on the validation set."""
+        from .metrics import evaluate_tables
+        from .table import concat_tables
+
+        self.model.eval()
+        model = self.module
+        bs = self.config.training.batch_size
+        f_loc = self.config.model.loc_factor
+        px = self.config.simulation.pixel_size_nm if self.data.simulated_source \
+            else self.config.data.pixel_size_nm
+        losses, truths, preds, perps = [], [], [], []
+        ramp = {f: 1.0 for f in self.factors}
+        images = None
+        for bi, batch in enumerate(self.data.validation_batches(bs)):
+            x = torch.from_numpy(batch.frames).to(self.device)
+            with self._autocast():
+                out = model(x, factors=self.factors if batch.labeled else [], with_recon=True)
+            target = collate_targets(batch, self.device) if batch.labeled else None
+            total, _ = self.loss_fn(out, target, scale_ramp=ramp if batch.labeled else {})
+            losses.append(float(total))
+            perps.append(float(out["vq"]["perplexity"]))
+            if batch.labeled:
+                tabs = decode_maps(out["maps"][f_loc], f_loc, 0.5)
+                for i, (tt, pt) in enumerate(zip(batch.tables, tabs)):
+                    tt = tt.copy()
+                    tt["frame"] = len(truths)
+                    pt["frame"] = len(truths)
+                    truths.append(tt)
+                    preds.append(pt)
+                if bi == 0:
+                    images = (batch, out)
+        metrics = {"loss": float(np.mean(losses)), "perplexity": float(np.mean(perps))}
+        if truths:
+            ev = evaluate_tables(concat_tables(truths), concat_tables(preds),
+                                 tolerance_nm=250.0, pixel_size_nm=px, n_frames=len(truths))
+            for k in ("jaccard", "recall", "precision", "rmse_nm", "efficiency", "count_mae",
+                      "calibration_x", "calibration_y"):
+                if k in ev and ev[k] is not None:
+                    metrics[k] = float(ev[k])
+        if self.writer is not None and images is not None:
+            self._log_images(*images)
+        return metrics
+
+    def _log_scalars(self, prefix, d, step):
+        if self.writer is None:
+            return
+        for k, v in d.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def _log_images(self, batch, out):
+        """Predicted probability maps of the first validation tile next to the truth."""
+        n = min(4, len(batch))
+        for f, m in out["maps"].items():
+            p = m["prob"][:n].float().cpu().numpy()
+            t = np.zeros_like(p)
+            for i in range(n):
+                tab = batch.tables[i]
+                j = np.clip(np.floor((tab["y"] + 0.5) * f).astype(int), 0, p.shape[1] - 1)
+                k = np.clip(np.floor((tab["x"] + 0.5) * f).astype(int), 0, p.shape[2] - 1)
+                t[i, j, k] = 1.0
+            grid = np.concatenate([np.concatenate(list(p), 1), np.concatenate(list(t), 1)], 0)
+            self.writer.add_image(f"maps/x{f}_pred_top_truth_bottom", grid[None], self.step)
+
+    def _state(self, metrics) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.step // self.config.training.steps_per_epoch,
+            "best_metric": float(self.best_metric),
+            "metrics": {k: float(v) for k, v in metrics.items()},
+            "history": [{k: float(v) for k, v in h.items()} for h in self.history],
+            "rng_torch": torch.get_rng_state(),
+            "rng_numpy": self.rng.bit_generator.state,
+        }
+
+    def _save(self, path, metrics):
+        if not self.is_main:
+            return
+        save_checkpoint(path, self.module.state_dict(), self.config, **self._state(metrics))
+
+    def _load_resume(self, path):
+        ckpt = load_checkpoint(path, map_location=self.device)
+        if ckpt["config_obj"].model != self.config.model:
+            raise CheckpointError(path, "its model section differs from this config's")
+        self.model.load_state_dict(build_model_from_checkpoint(ckpt, path).state_dict())
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            self.step = int(ckpt["step"])
+            self.best_metric = float(ckpt["best_metric"])
+            self.history = list(ckpt.get("history", []))
+            torch.set_rng_state(ckpt["rng_torch"].cpu())
+            if self.rank == 0:
+                self.rng.bit_generator.state = ckpt["rng_numpy"]
+        except KeyError as e:
+            raise CheckpointError(path, f"cannot resume: the checkpoint lacks {e}") from None
+
+

@@ -1,0 +1,58 @@
+"""Tiling and map decoding, independent of any trained weights."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_var_emitter.inference import decode_maps, tile_grid
+
+
+@pytest.mark.parametrize("size", [8, 39, 40, 41, 67, 96, 130, 1000])
+def test_tile_cores_partition_the_frame(size):
+    starts, bounds = tile_grid(size, 40, 6)
+    assert bounds[0] == 0 and bounds[-1] == size
+    assert all(b1 > b0 for b0, b1 in zip(bounds, bounds[1:]))  # no empty core, no overlap
+    for k, s in enumerate(starts):
+        a, b = bounds[k], bounds[k + 1]
+        assert s <= a and b <= s + 40  # the core lies inside its tile
+        if size > 40:
+            # every owned pixel keeps >= margin context unless it is at the frame edge
+            assert a == 0 or a - s >= 6
+            assert b == size or s + 40 - b >= 6
+
+
+def _maps(f, h, w, peaks):
+    """Hand-made maps with the given (row, col, p, dx, dy) peaks at factor f."""
+    shape = (1, f * h, f * w)
+    m = {k: torch.zeros(shape) for k in ("prob", "offset_x", "offset_y", "photons",
+                                            "background", "sigma_x", "sigma_y")}
+    for r, c, p, dx, dy in peaks:
+        m["prob"][0, r, c] = p
+        m["offset_x"][0, r, c] = dx
+        m["offset_y"][0, r, c] = dy
+        m["photons"][0, r, c] = 1000.0
+        m["sigma_x"][0, r, c] = 0.1
+        m["sigma_y"][0, r, c] = 0.2
+    return m
+
+
+def test_decode_positions_follow_the_contract_convention():
+    f = 2
+    m = _maps(f, 10, 10, [(4, 6, 0.9, 0.1, -0.2), (15, 3, 0.95, 0.0, 0.0), (10, 10, 0.2, 0, 0)])
+    (t,) = decode_maps(m, f, threshold=0.5)
+    assert len(t) == 2  # the p=0.2 candidate is below threshold
+    t = t[np.argsort(t["y"])]
+    # map pixel j has its centre at (j + 0.5)/f - 0.5 in input pixels
+    assert t["x"][0] == pytest.approx((6 + 0.5) / 2 - 0.5 + 0.1, abs=1e-6)
+    assert t["y"][0] == pytest.approx((4 + 0.5) / 2 - 0.5 - 0.2, abs=1e-6)
+    assert t["x"][1] == pytest.approx((3 + 0.5) / 2 - 0.5, abs=1e-6)
+    assert t["unc_x"][0] == pytest.approx(0.1) and t["unc_y"][0] == pytest.approx(0.2)
+    assert t["photons"][0] == pytest.approx(1000.0)
+
+
+def test_decode_integrates_probability_split_between_neighbours():
+    # one emitter whose probability mass is split over two map pixels: found once
+    m = _maps(2, 10, 10, [(8, 8, 0.35, 0, 0), (8, 9, 0.3, 0, 0)])
+    (t,) = decode_maps(m, 2, threshold=0.5)
+    assert len(t) == 1
+    assert t["prob"][0] == pytest.approx(0.65, abs=1e-5)

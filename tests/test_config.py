@@ -1,0 +1,62 @@
+"""config.json: the design's keys, validation and exact round trip."""
+
+import json
+
+import pytest
+
+from napari_var_emitter.config import Config, load_config
+from napari_var_emitter.errors import ConfigError
+
+
+def test_defaults_have_the_design_keys(tmp_path):
+    d = Config().validate().to_dict()
+    for key in ("input_size", "target_sizes", "base_channels", "embed_dim", "num_heads",
+                "num_layers"):
+        assert key in d["model"]
+    for key in ("num_epochs", "batch_size", "progressive", "warmup_epochs", "scale_schedule"):
+        assert key in d["training"]
+    for key in ("count_weight", "loc_weight", "recon_weight", "uncertainty_weight",
+                "scale_weights"):
+        assert key in d["loss"]
+    assert Config().model.factors == [2, 4, 8]
+
+
+def test_round_trip(tmp_path):
+    cfg = Config.from_dict({"model": {"embed_dim": 64, "num_heads": 2},
+                            "training": {"batch_size": 4}})
+    p = tmp_path / "config.json"
+    cfg.save(p)
+    assert load_config(p) == cfg
+    assert json.loads(p.read_text())["model"]["embed_dim"] == 64
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"model": {"embedd_dim": 3}}, "unknown key"),
+    ({"modle": {}}, "unknown key"),
+    ({"model": {"base_channels": "64"}}, "must be an integer"),
+    ({"model": {"base_channels": -4}}, "must be >= 1"),
+    ({"model": {"input_size": [40, -40]}}, "two positive integers"),
+    ({"model": {"target_sizes": [[80, 80], [150, 150], [320, 320]]}}, "not an integer multiple"),
+    ({"training": {"progressive": "yes"}}, "true or false"),
+    ({"training": {"learning_rate": 0}}, "> 0"),
+    ({"loss": {"scale_weights": [1.0, 0.5]}}, "scale_weights has 2 entries"),
+    ({"loss": {"loc_mode": "l1"}}, "loc_mode"),
+    ({"simulation": {"photons": [1000, 10]}}, "min <= max"),
+])
+def test_bad_values_are_one_line_errors(bad, words):
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict(bad)
+    assert words in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "missing.json")
+    p.write_text(json.dumps({"model": {"num_heads": 3}}))
+    with pytest.raises(ConfigError, match=r"config.json: .*divisible"):
+        load_config(p)

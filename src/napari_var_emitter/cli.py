@@ -100,10 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(e, "tolerance-nm", type=float, default=250.0)
     _opt(e, "pixel-size", type=float, default=100.0)
     _opt(e, "frames", type=int, default=None, help="number of frames (counts empty frames)")
-    _opt(e, "photons", type=float, default=None, help="for crlb_rmse_nm: photons per emitter")
-    _opt(e, "background", type=float, default=None, help="for crlb_rmse_nm: photons/px")
-    _opt(e, "sigma-nm", type=float, default=None, help="for crlb_rmse_nm: PSF sigma in nm")
+    _opt(e, "image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+         help="frame size in pixels (edge emitters get their larger CRLB)")
     _opt(e, "em-gain", type=float, default=1.0, help="> 1: EMCCD (excess noise 2) in the CRLB")
+    _opt(e, "qe", type=float, default=1.0, help="quantum efficiency for the CRLB")
+    _opt(e, "read-noise", type=float, default=0.0, help="read noise (e-) for the CRLB")
     return p
 
 
@@ -371,17 +372,21 @@ def _check_writable(folder):
 
 # -- evaluate ------------------------------------------------------------------------------
 def cmd_evaluate(a) -> int:
+    import numpy as np
+
+    from .camera import Camera
     from .io.emitters import read_emitters
-    from .metrics import crlb_mortensen, evaluate_tables
+    from .metrics import evaluate_tables
 
     truth, _ = read_emitters(a.truth, pixel_size_nm=a.pixel_size)
     pred, _ = read_emitters(a.pred, pixel_size_nm=a.pixel_size)
+    # the CRLB needs each true emitter's photons, PSF width and background
+    has_physics = len(truth) and all(np.isfinite(truth[k]).all()
+                                     for k in ("photons", "sigma", "background"))
+    camera = Camera(em_gain=a.em_gain, qe=a.qe, read_noise=a.read_noise) if has_physics else None
     res = evaluate_tables(truth, pred, tolerance_nm=a.tolerance_nm, pixel_size_nm=a.pixel_size,
-                          n_frames=a.frames)
-    if a.photons is not None and a.background is not None and a.sigma_nm is not None:
-        c = crlb_mortensen(a.photons, a.background, a.sigma_nm, a.pixel_size,
-                           emccd=a.em_gain > 1)
-        res["crlb_rmse_nm"] = float(c) * 2 ** 0.5  # lateral: both axes
+                          n_frames=a.frames, camera=camera,
+                          image_shape=tuple(a.image_size) if a.image_size else None)
     print(json.dumps({k: _jsonable(v) for k, v in res.items()}))
     return 0
 

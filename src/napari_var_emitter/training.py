@@ -176,7 +176,7 @@ class Trainer:
                     metrics = self.validate()
                     self._log_scalars("val", metrics, self.step)
                     self.history.append({"epoch": epoch + 1, "step": self.step, **metrics})
-                    score = metrics.get("efficiency", -metrics.get("loss", 0.0))
+                    score = _score(metrics)
                     if self.is_main:
                         if score > self.best_metric:
                             self.best_metric = score
@@ -357,3 +357,14 @@ class Trainer:
             raise CheckpointError(path, f"cannot resume: the checkpoint lacks {e}") from None
 
 
+
+
+def _score(metrics: dict) -> float:
+    """Model selection: validation efficiency; without any match (efficiency undefined),
+    or for reconstruction-only data, lower validation loss is better and ranks below any
+    model that matched emitters."""
+    eff = metrics.get("efficiency", float("nan"))
+    if math.isfinite(eff):
+        return eff
+    loss = metrics.get("loss", float("inf"))
+    return -1e6 - (loss if math.isfinite(loss) else 1e6)

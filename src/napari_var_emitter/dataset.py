@@ -210,7 +210,7 @@ class TrainingData:
             _check_tile_fits(photons.shape, config, tpath)
             stacks.append(_Stack(photons, frames_slices(table, n), None, stem)
                           if kind == "camera" else _HighresStack(photons, frames_slices(table, n),
-                                                                 stem))
+                                                                 name=stem))
         return cls(config, stacks, description=f"{len(stacks)} file pair(s) from {tiff_dir}")
 
     # -- batches --------------------------------------------------------------------------

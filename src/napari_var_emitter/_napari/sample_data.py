@@ -1,0 +1,106 @@
+"""Sample data: simulated movies with their ground truth, made on the spot (< 2 s each).
+
+Each sample is deterministic (fixed seed) and returns the camera frames (uint16 ADU) as an
+Image layer whose metadata carries the pixel size and camera (the inference widget fills its
+fields from them) plus the ground-truth emitters as a Points layer in input pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..camera import Camera
+from .layers import input_grid_of_highres, map_scale_translate, points_data_from_table, \
+    points_features
+
+PIXEL_SIZE_NM = 100.0
+
+#: a scientific CMOS camera: offset 100 ADU, 2 e-/ADU, QE 0.9, 1.5 e- read noise
+SAMPLE_CAMERA = Camera(baseline=100.0, e_per_adu=2.0, em_gain=1.0, qe=0.9, read_noise=1.5)
+
+
+def _movie_layers(movie, name: str) -> list[tuple]:
+    truth = movie.table_in_view()
+    t, h, w = movie.shape
+    cam = movie.camera.to_dict()
+    image = (movie.adu, {"name": name,
+                         "metadata": {"pixel_size_nm": movie.pixel_size_nm, "camera": cam,
+                                      "sample": name},
+                         "contrast_limits": _limits(movie.adu)}, "image")
+    return [image, _truth_points(truth, name, movie.pixel_size_nm, (t, h, w))]
+
+
+def _truth_points(truth, name, pixel_size_nm, image_shape, scale=None, translate=None):
+    kwargs = {"name": f"{name} ground truth",
+              "features": points_features(truth, pixel_size_nm),
+              "symbol": "ring", "face_color": "transparent", "border_color": "cyan",
+              "border_width": 0.12, "size": 1.2, "out_of_slice_display": False,
+              "metadata": {"pixel_size_nm": float(pixel_size_nm),
+                           "image_shape": [int(s) for s in image_shape], "ground_truth": True}}
+    if scale is not None:
+        kwargs["scale"], kwargs["translate"] = scale, translate
+    return (points_data_from_table(truth, 3), kwargs, "points")
+
+
+def _limits(adu) -> tuple[float, float]:
+    lo, hi = np.percentile(adu[: min(len(adu), 10)], [0.5, 99.9])
+    return float(lo), float(max(hi, lo + 1))
+
+
+def _simulate(**kwargs):
+    from ..simulation import simulate_movie
+
+    return simulate_movie(camera=SAMPLE_CAMERA, pixel_size_nm=PIXEL_SIZE_NM, **kwargs)
+
+
+def sparse_emitters() -> list[tuple]:
+    """Sparse blinking emitters (about 6 per frame), 40x40 pixels, 200 frames."""
+    movie = _simulate(n_frames=200, shape=(40, 40), rng=20240601, density_per_um2=0.3,
+                      photons=(1000.0, 5000.0), background=(20.0, 40.0), sigma_px=(1.0, 1.4),
+                      highres_factor=None)
+    return _movie_layers(movie, "sparse emitters")
+
+
+def dense_emitters() -> list[tuple]:
+    """Dense blinking emitters (about 50 per frame, 3 per um^2), 40x40 pixels, 200 frames."""
+    movie = _simulate(n_frames=200, shape=(40, 40), rng=20240602, density_per_um2=3.0,
+                      photons=(1000.0, 5000.0), background=(20.0, 40.0), sigma_px=(1.0, 1.4),
+                      highres_factor=None)
+    return _movie_layers(movie, "dense emitters")
+
+
+def blinking_filaments() -> list[tuple]:
+    """Emitters blinking along curved filaments, 64x64 pixels, 500 frames."""
+    movie = _simulate(n_frames=500, shape=(64, 64), rng=20240603, density_per_um2=1.0,
+                      photons=(800.0, 4000.0), background=(20.0, 60.0), sigma_px=(1.0, 1.4),
+                      scene="filaments", highres_factor=None)
+    return _movie_layers(movie, "blinking filaments")
+
+
+def training_pair() -> list[tuple]:
+    """A training pair as the original design stores it: the scene's expected photons on an
+    8x finer grid (the high-resolution training TIFF) and its emitters.
+
+    The image layer is scaled to the camera grid (scale 1/8, translate -0.4375), so its
+    emitters, in camera pixels, lie on it; its metadata says ``highres_factor`` 8 and the
+    camera pixel size, which the training widget needs.
+    """
+    factor = 8
+    movie = _simulate(n_frames=60, shape=(40, 40), rng=20240604, density_per_um2=1.0,
+                      photons=(1000.0, 5000.0), background=(20.0, 40.0), sigma_px=(1.0, 1.4),
+                      highres_factor=factor)
+    t, h, w = movie.shape
+    scale, translate = map_scale_translate((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), factor)
+    name = "training pair"
+    image = (movie.highres, {"name": f"{name} 8x photons", "scale": scale,
+                             "translate": translate,
+                             "metadata": {"pixel_size_nm": movie.pixel_size_nm / factor,
+                                          "camera_pixel_size_nm": movie.pixel_size_nm,
+                                          "highres_factor": factor, "kind": "highres photons",
+                                          "sample": name},
+                             "contrast_limits": _limits(movie.highres)}, "image")
+    # the emitters' layer sits on the camera grid under the high-resolution image
+    grid_scale, grid_translate = input_grid_of_highres(scale, translate, factor)
+    points = _truth_points(movie.table_in_view(), name, movie.pixel_size_nm, (t, h, w),
+                           scale=grid_scale, translate=grid_translate)
+    return [image, points]

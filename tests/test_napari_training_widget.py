@@ -1,0 +1,191 @@
+"""The training dock widget in a real (Xvfb) napari viewer, with a tiny model config."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from napari_var_emitter._napari import training_widget as TW
+from napari_var_emitter._napari._workers import finetuned_models
+
+pytestmark = pytest.mark.gui
+
+RUN_TIMEOUT_MS = 180_000
+
+
+@pytest.fixture
+def tiny_config_file(tmp_path, tiny_model_config):
+    path = tmp_path / "tiny_config.json"
+    tiny_model_config.save(path)
+    return path
+
+
+def _dock(viewer):
+    _, widget = viewer.window.add_plugin_dock_widget("napari-var-emitter", "VAR emitter training")
+    assert isinstance(widget, TW.TrainingWidget)
+    return widget
+
+
+def _setup(widget, config_file, out_dir, epochs=2, steps=2, batch=4):
+    widget.init.value = TW.INIT_SCRATCH
+    widget.config_file.value = str(config_file)
+    widget.output_dir.value = str(out_dir)
+    widget.device.value = "cpu"
+    widget.epochs.value = epochs
+    widget.steps_per_epoch.value = steps
+    widget.batch_size.value = batch
+
+
+def _wait(qtbot, widget):
+    qtbot.waitUntil(lambda: not widget.running, timeout=RUN_TIMEOUT_MS)
+
+
+def test_simulated_fine_tune_updates_the_curves(viewer_with_plugin, qtbot, tiny_config_file,
+                                                tmp_path, monkeypatch):
+    viewer = viewer_with_plugin
+    widget = _dock(viewer)
+    errors = []
+    monkeypatch.setattr(TW, "show_error", errors.append)
+    widget.source.value = TW.SOURCE_SIMULATION
+    # only the simulation fields are shown for this source
+    assert not widget.sigma_row.native.isHidden() and widget.tiff_dir.native.isHidden()
+    _setup(widget, tiny_config_file, tmp_path / "run")
+    worker = widget.start()
+    assert worker is not None and widget.running
+    _wait(qtbot, widget)
+    assert errors == []
+    h = widget.history
+    assert h.status == "done"
+    assert h.steps == [1, 2, 3, 4]
+    steps, values = h.main_loss()
+    assert len(values) == 4 and np.isfinite(values).all()
+    xdata, ydata = widget.train_line.get_data()
+    assert list(xdata) == [1, 2, 3, 4] and len(ydata) == 4
+    assert h.epochs == [1, 2] and len(widget.val_line.get_data()[0]) == 2
+    assert "jaccard" in h.metrics and len(widget.metric_lines["jaccard"].get_data()[0]) == 2
+    assert widget.progress.value() == 4 and widget.progress.maximum() == 4
+    assert os.path.isfile(tmp_path / "run" / "last_model.pth")
+    assert widget.best_checkpoint == str(tmp_path / "run" / "best_model.pth")
+    assert os.path.isfile(widget.best_checkpoint)
+    # the simulation matched the form's camera
+    from napari_var_emitter.config import load_config
+
+    saved = load_config(tmp_path / "run" / "config.json")
+    assert saved.model.input_size == [16, 16]
+    assert saved.training.num_epochs == 2 and saved.training.steps_per_epoch == 2
+    assert saved.simulation.e_per_adu == [1.0, 1.0] and saved.simulation.emccd_fraction == 0.0
+    # the new model goes to the inference widget
+    assert finetuned_models.latest == widget.best_checkpoint
+    assert widget.use_button.enabled
+    _, inference = viewer.window.add_plugin_dock_widget("napari-var-emitter",
+                                                        "VAR emitter inference")
+    widget.use_in_inference()
+    from napari_var_emitter._napari.inference_widget import MODEL_FINETUNED
+
+    assert inference.model_source.value == MODEL_FINETUNED
+    assert inference._checkpoint_for_run() == widget.best_checkpoint
+
+
+def test_cancel_keeps_a_resumable_checkpoint(viewer_with_plugin, qtbot, tiny_config_file,
+                                             tmp_path):
+    viewer = viewer_with_plugin
+    widget = _dock(viewer)
+    widget.source.value = TW.SOURCE_SIMULATION
+    _setup(widget, tiny_config_file, tmp_path / "run", epochs=3, steps=2)
+
+    def cancel_after_first_step(event):
+        if event.kind == "step" and event.step == 1:
+            widget.cancel()
+
+    worker = widget.start()
+    worker.yielded.connect(cancel_after_first_step)
+    _wait(qtbot, widget)
+    h = widget.history
+    assert h.status == "cancelled"
+    assert h.steps[-1] <= 2  # stopped after the step that was running
+    assert os.path.isfile(tmp_path / "run" / "last_model.pth")
+    assert widget.resume_button.enabled and widget.start_button.enabled
+    assert not widget.use_button.enabled
+    stopped_at = h.steps[-1]
+
+    widget.start(resume=True)
+    _wait(qtbot, widget)
+    h = widget.history
+    assert h.status == "done"
+    assert h.steps[0] == stopped_at + 1 and h.steps[-1] == 6
+
+
+def test_training_from_the_training_pair_sample(viewer_with_plugin, qtbot, tiny_config_file, tmp_path,
+                                   monkeypatch):
+    viewer = viewer_with_plugin
+    widget = _dock(viewer)
+    errors = []
+    monkeypatch.setattr(TW, "show_error", errors.append)
+    viewer.open_sample("napari-var-emitter", "training_pair")
+    widget.source.value = TW.SOURCE_LAYERS
+    widget.image_layer.value = viewer.layers["training pair 8x photons"]
+    widget.points_layer.value = viewer.layers["training pair ground truth"]
+    assert widget.pixel_size.value == 100.0  # the camera pixel, not the 12.5 nm of the image
+    _setup(widget, tiny_config_file, tmp_path / "pair", epochs=1, steps=2)
+    widget.start()
+    _wait(qtbot, widget)
+    assert errors == []
+    assert widget.history.status == "done" and widget.history.steps == [1, 2]
+    # the 8x photon image went through the training-file path (binning + camera noise)
+    assert os.listdir(tmp_path / "pair" / "layer_data" / "train_tiff") == [
+        "training_pair_8x_photons.tif"]
+
+
+def test_training_from_camera_frames_and_unlabeled(viewer_with_plugin, qtbot,
+                                                   tiny_config_file, tmp_path, monkeypatch):
+    viewer = viewer_with_plugin
+    widget = _dock(viewer)
+    errors = []
+    monkeypatch.setattr(TW, "show_error", errors.append)
+    widget.source.value = TW.SOURCE_LAYERS
+    # camera frames and emitters (the sparse sample) go through from_arrays
+    viewer.open_sample("napari-var-emitter", "sparse")
+    widget.image_layer.value = viewer.layers["sparse emitters"]
+    widget.points_layer.value = viewer.layers["sparse emitters ground truth"]
+    assert widget.baseline.value == 100.0 and widget.e_per_adu.value == 2.0
+    _setup(widget, tiny_config_file, tmp_path / "arrays", epochs=1, steps=2)
+    widget.start()
+    _wait(qtbot, widget)
+    assert errors == []
+    assert widget.history.status == "done"
+
+    # unlabeled frames: reconstruction-only adaptation
+    widget.source.value = TW.SOURCE_UNLABELED
+    _setup(widget, tiny_config_file, tmp_path / "unlabeled", epochs=1, steps=2)
+    widget.start()
+    _wait(qtbot, widget)
+    assert errors == []
+    assert widget.history.status == "done"
+    from napari_var_emitter.config import load_config
+
+    assert load_config(tmp_path / "unlabeled" / "config.json").training.mode == "reconstruction"
+
+
+def test_bad_input_is_reported(viewer_with_plugin, qtbot, tiny_config_file, tmp_path,
+                               monkeypatch):
+    viewer = viewer_with_plugin
+    widget = _dock(viewer)
+    errors = []
+    monkeypatch.setattr(TW, "show_error", errors.append)
+    widget.source.value = TW.SOURCE_FOLDERS
+    _setup(widget, tiny_config_file, tmp_path / "run")
+    assert widget.start() is None  # no folders chosen
+    assert "folder" in errors[-1]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    widget.tiff_dir.value = str(empty)
+    widget.emitter_dir.value = str(empty)
+    widget.start()
+    _wait(qtbot, widget)
+    assert "no .tif" in errors[-1] and widget.history.status == ""
+    assert widget.start_button.enabled
+    widget.source.value = TW.SOURCE_LAYERS
+    assert widget.start() is None  # no layers open
+    assert "Image layer" in errors[-1]

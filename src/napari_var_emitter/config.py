@@ -29,6 +29,7 @@ class ModelConfig:
     num_layers: int = 2
     patch_size: int = 4  # input pixels per transformer token (40x40 tile -> 10x10 tokens)
     codebook_size: int = 256
+    code_dim: int = 32  # length of the VQ code vectors (tokens are projected to it)
     vq_scales: list = field(default_factory=lambda: [1, 2, 5, 10])  # token-map sides, VAR residual
     use_quantization: bool = True
     loc_factor: int = 2  # upsampling factor whose maps localisations are decoded from
@@ -49,7 +50,8 @@ class ModelConfig:
             if int(fy) <= prev:
                 raise ConfigError("model.target_sizes must grow strictly (e.g. 80, 160, 320)")
             prev = int(fy)
-        for name in ("base_channels", "embed_dim", "num_heads", "patch_size", "codebook_size"):
+        for name in ("base_channels", "embed_dim", "num_heads", "patch_size", "codebook_size",
+                     "code_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_layers < 0:

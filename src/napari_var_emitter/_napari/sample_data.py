@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..camera import Camera
 from .layers import input_grid_of_highres, map_scale_translate, points_data_from_table, \
     points_features
 
-PIXEL_SIZE_NM = 100.0
-
-#: a scientific CMOS camera: offset 100 ADU, 2 e-/ADU, QE 0.9, 1.5 e- read noise
-SAMPLE_CAMERA = Camera(baseline=100.0, e_per_adu=2.0, em_gain=1.0, qe=0.9, read_noise=1.5)
+from ..samples import PIXEL_SIZE_NM, SAMPLE_CAMERA, make_sample  # noqa: F401 (re-exported)
 
 
 def _movie_layers(movie, name: str) -> list[tuple]:
@@ -47,33 +43,21 @@ def _limits(adu) -> tuple[float, float]:
     return float(lo), float(max(hi, lo + 1))
 
 
-def _simulate(**kwargs):
-    from ..simulation import simulate_movie
-
-    return simulate_movie(camera=SAMPLE_CAMERA, pixel_size_nm=PIXEL_SIZE_NM, **kwargs)
-
-
 def sparse_emitters() -> list[tuple]:
     """Sparse blinking emitters (about 6 per frame), 40x40 pixels, 200 frames."""
-    movie = _simulate(n_frames=200, shape=(40, 40), rng=20240601, density_per_um2=0.3,
-                      photons=(1000.0, 5000.0), background=(20.0, 40.0), sigma_px=(1.0, 1.4),
-                      highres_factor=None)
+    movie = make_sample("sparse")
     return _movie_layers(movie, "sparse emitters")
 
 
 def dense_emitters() -> list[tuple]:
     """Dense blinking emitters (about 50 per frame, 3 per um^2), 40x40 pixels, 200 frames."""
-    movie = _simulate(n_frames=200, shape=(40, 40), rng=20240602, density_per_um2=3.0,
-                      photons=(1000.0, 5000.0), background=(20.0, 40.0), sigma_px=(1.0, 1.4),
-                      highres_factor=None)
+    movie = make_sample("dense")
     return _movie_layers(movie, "dense emitters")
 
 
 def blinking_filaments() -> list[tuple]:
     """Emitters blinking along curved filaments, 64x64 pixels, 500 frames."""
-    movie = _simulate(n_frames=500, shape=(64, 64), rng=20240603, density_per_um2=1.0,
-                      photons=(800.0, 4000.0), background=(20.0, 60.0), sigma_px=(1.0, 1.4),
-                      scene="filaments", highres_factor=None)
+    movie = make_sample("filaments")
     return _movie_layers(movie, "blinking filaments")
 
 
@@ -86,9 +70,7 @@ def training_pair() -> list[tuple]:
     camera pixel size, which the training widget needs.
     """
     factor = 8
-    movie = _simulate(n_frames=60, shape=(40, 40), rng=20240604, density_per_um2=1.0,
-                      photons=(1000.0, 5000.0), background=(20.0, 40.0), sigma_px=(1.0, 1.4),
-                      highres_factor=factor)
+    movie = make_sample("training_pair", highres_factor=factor)
     t, h, w = movie.shape
     scale, translate = map_scale_translate((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), factor)
     name = "training pair"

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from psygnal import Signal
 
+from ..inference import run_to_end  # noqa: F401 (re-exported for the widgets and tests)
+
 
 class FinetunedModels:
     """Registry of fine-tuned checkpoints shared by the training and inference widgets.
@@ -45,15 +47,6 @@ class FinetunedModels:
 
 #: the registry both widgets see (one per Python process, like the viewer's plugins)
 finetuned_models = FinetunedModels()
-
-
-def run_to_end(gen):
-    """Exhaust a generator and return its return value (``StopIteration.value``)."""
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
 
 
 class PredictorCache:

@@ -13,6 +13,9 @@ import tempfile
 
 from ..errors import OutputError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None):
@@ -33,6 +36,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
         raise OutputError(f"{path}: cannot write ({_why(e)})") from None
     try:
         yield tmp
+        # mkstemp makes the file private (0600); give it the usual permissions (umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except OSError as e:
         _remove(tmp)

@@ -25,7 +25,11 @@ def save_checkpoint(path, model_state: dict, config: Config, **extra) -> None:
                "model": {k: v.detach().cpu() for k, v in model_state.items()}}
     payload.update(extra)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            # on disk before the rename: a power cut cannot leave a renamed empty file
+            os.fsync(fh.fileno())
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -36,17 +40,33 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if os.path.isdir(path):
         raise CheckpointError(path, "is a folder, not a checkpoint file")
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read ({e.strerror or e})") from None
+    if head[:1] == b"\x80" and not zipfile.is_zipfile(path):
+        # a bare pickle stream (not torch.save's zip container): pickles can carry code
+        raise CheckpointError(path, "refused: a raw Python pickle, not a PyTorch checkpoint; "
+                              "it was not loaded (a pickle can carry code)")
+    try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        # weights_only refuses any global it does not know: a pickle that carries code
-        raise CheckpointError(path, "refused: the file holds Python objects other than tensors "
-                              f"and plain data (possibly code), it was not executed ({_first(e)})"
-                              ) from None
+        detail = _unpickling_detail(e)
+        if "GLOBAL" in detail:
+            # weights_only refuses any global it does not know: a pickle that carries code
+            raise CheckpointError(path, "refused: the file holds Python objects other than "
+                                  "tensors and plain data (possibly code); nothing in it was "
+                                  f"executed ({detail})") from None
+        raise CheckpointError(path, f"not a readable checkpoint ({detail})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError,
             UnicodeDecodeError, AttributeError, KeyError, TypeError) as e:
         raise CheckpointError(path, f"not a readable checkpoint ({_first(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(path, "not a napari-var-emitter checkpoint (format key missing)")
+    weights = ckpt.get("model")
+    if not isinstance(weights, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        raise CheckpointError(path, "checkpoint has no model weights (a dict of tensors)")
     try:
         ckpt["config_obj"] = Config.from_dict(ckpt["config"])
     except (ConfigError, KeyError) as e:
@@ -61,10 +81,20 @@ def build_model_from_checkpoint(ckpt: dict, path="checkpoint"):
     model = VarEmitterNet(ckpt["config_obj"].model)
     try:
         model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         raise CheckpointError(path, "weights do not match the model architecture of its "
                               f"config ({_first(e)})") from None
     return model
+
+
+def _unpickling_detail(e: BaseException) -> str:
+    """The informative line of torch's weights-only refusal (its first line is a long
+    explanation of the PyTorch 2.6 default change)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or "Unsupported" in ln:
+            return ln[:200]
+    return _first(e)
 
 
 def _first(e: BaseException) -> str:

@@ -8,6 +8,7 @@ file and the problem; Ctrl-C ends with exit code 130 after cleaning up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -157,7 +158,15 @@ def cmd_train(a) -> int:
     from .inference import bundled_checkpoint_path
     from .training import Trainer
 
-    cfg = load_config(a.config) if a.config else Config().validate()
+    if a.config:
+        cfg = load_config(a.config)
+    elif a.resume:
+        # continuing a run: its own configuration (saved in the checkpoint) is the default
+        from .checkpoint import load_checkpoint
+
+        cfg = load_checkpoint(a.resume)["config_obj"]
+    else:
+        cfg = Config().validate()
     if a.epochs is not None or a.steps_per_epoch is not None:
         d = cfg.to_dict()
         if a.epochs is not None:
@@ -245,12 +254,23 @@ def _progress_bar(total, start, show):
 
 # -- predict -------------------------------------------------------------------------------
 def cmd_predict(a) -> int:
+    """``var-emitter predict``; an output folder it created stays only if something is in it
+    (under torchrun the ranks share the folder, so it is left alone)."""
+    created = (not os.path.exists(a.output_dir)
+               and int(os.environ.get("WORLD_SIZE", "1")) == 1)
+    try:
+        return _cmd_predict(a)
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(a.output_dir)  # fails (and keeps it) unless it is empty
+
+
+def _cmd_predict(a) -> int:
     from .camera import Camera
     from .config import load_config
     from .errors import ConfigError, InputFileError
     from .inference import Predictor
-    from .io.tiff import open_stack
-    from .outputs import write_figures, write_tables
 
     inputs = list(a.inputs)
     if a.sample:
@@ -286,50 +306,17 @@ def cmd_predict(a) -> int:
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     mine = list(zip(inputs, stems))[rank::world]
     failures = 0
-    for path, stem in mine:
-        final = os.path.join(a.output_dir, stem)
-        if os.path.isdir(final) and not a.overwrite and _complete(final, a):
-            print(f"{path}: outputs complete in {final}, skipped (use --overwrite to redo)")
-            continue
-        tmp = tempfile.mkdtemp(prefix=f".{stem}.partial-", dir=a.output_dir)
-        try:
-            with open_stack(path) as stack:
-                px = a.pixel_size or stack.pixel_size_nm or 100.0
-                attrs = {"model_id": predictor.model_id, "config": predictor.config.to_dict(),
-                         "camera": camera.to_dict(), "pixel_size_nm": float(px),
-                         "input": os.path.abspath(path)}
-                gen = predictor.predict_iter(
-                    stack, camera=camera, pixel_size_nm=px, threshold=a.threshold,
-                    batch_size=a.batch_size, maps=not a.no_maps, name=path,
-                    maps_h5=None if a.no_maps else os.path.join(tmp, "predictions.h5"),
-                    h5_attrs=attrs)
-                bar = _progress_bar(len(stack), 0, True)
-                result = None
-                while True:
-                    try:
-                        ev = next(gen)
-                    except StopIteration as s:
-                        result = s.value
-                        break
-                    if bar is not None:
-                        bar.n = ev.done
-                        bar.refresh()
-                if bar is not None:
-                    bar.close()
-                write_tables(tmp, result)
-                if not a.no_figures:
-                    write_figures(tmp, stack, result)
-                _close_maps(result)
-            _replace_dir(tmp, final)
-            print(f"{path}: {len(result.localizations)} localisations in "
-                  f"{result.shape[0]} frames -> {final}")
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, VarEmitterError) and len(mine) > 1 and not isinstance(e, Cancelled):
-                sys.stderr.write(f"error: {e}\n")
-                failures += 1
-                continue
-            raise
+    with _Interrupts() as interrupts:
+        for path, stem in mine:
+            try:
+                _predict_one(a, predictor, camera, path, stem, interrupts)
+            except VarEmitterError as e:
+                if len(mine) > 1 and not isinstance(e, Cancelled):
+                    # one bad input among many: report it, finish the others, exit 2 at the end
+                    sys.stderr.write(f"error: {e}\n")
+                    failures += 1
+                    continue
+                raise
     if a.sample and rank == 0:
         _report_sample(a)
     return 2 if failures else 0
@@ -368,6 +355,125 @@ def _write_sample(a) -> str:
     a.baseline, a.e_per_adu, a.em_gain, a.qe = cam.baseline, cam.e_per_adu, cam.em_gain, cam.qe
     print(f"sample '{a.sample}': {path} (ground truth beside it)")
     return path
+
+
+def _predict_one(a, predictor, camera, path, stem, interrupts) -> None:
+    """Localise one input into ``OUT/STEM/``: written in a hidden temporary folder that is
+    renamed into place only when every output is complete (or removed on any failure)."""
+    from .io.tiff import open_stack
+    from .outputs import write_figures, write_tables
+
+    final = os.path.join(a.output_dir, stem)
+    _remove_stale_partials(a.output_dir, stem)
+    if os.path.isdir(final) and not a.overwrite and _complete(final, a):
+        print(f"{path}: outputs complete in {final}, skipped (use --overwrite to redo)")
+        return
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{stem}.partial-", dir=a.output_dir)
+        # mkdtemp makes it private (0700); the finished folder gets the usual permissions
+        os.chmod(tmp, 0o777 & ~_umask())
+    except OSError as e:
+        from .errors import OutputError
+
+        raise OutputError(f"{a.output_dir}: output folder cannot be written "
+                          f"({e.strerror or e})") from None
+    try:
+        with open_stack(path) as stack:
+            px = a.pixel_size or stack.pixel_size_nm or 100.0
+            attrs = {"model_id": predictor.model_id, "config": predictor.config.to_dict(),
+                     "camera": camera.to_dict(), "pixel_size_nm": float(px),
+                     "input": os.path.abspath(path)}
+            gen = predictor.predict_iter(
+                stack, camera=camera, pixel_size_nm=px, threshold=a.threshold,
+                batch_size=a.batch_size, maps=not a.no_maps, name=path,
+                maps_h5=None if a.no_maps else os.path.join(tmp, "predictions.h5"),
+                h5_attrs=attrs)
+            bar = _progress_bar(len(stack), 0, True)
+            try:
+                while True:
+                    try:
+                        ev = next(gen)
+                    except StopIteration as s:
+                        result = s.value
+                        break
+                    if bar is not None:
+                        bar.n = ev.done
+                        bar.refresh()
+            finally:
+                gen.close()  # an interrupted generator removes its partial predictions.h5
+                if bar is not None:
+                    bar.close()
+            try:
+                write_tables(tmp, result)
+                if not a.no_figures:
+                    write_figures(tmp, stack, result)
+            finally:
+                _close_maps(result)
+        with interrupts.deferred():  # the rename is never cut in half by Ctrl-C
+            _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"{path}: {len(result.localizations)} localisations in "
+          f"{result.shape[0]} frames -> {final}")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale_partials(out_dir, stem) -> None:
+    """Temporary folders of an earlier run of this input killed outright (``kill -9``)."""
+    try:
+        entries = os.listdir(out_dir)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.startswith(f".{stem}.partial-") or entry.startswith(f"{stem}.old-"):
+            shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
+
+
+class _Interrupts:
+    """SIGINT and SIGTERM raise KeyboardInterrupt (clean-up runs, exit 130), except inside
+    :meth:`deferred` blocks, at whose end a signal received meanwhile is raised."""
+
+    def __init__(self):
+        self._old = {}
+        self._depth = 0
+        self._pending = False
+
+    def _handler(self, signum, frame):
+        if self._depth:
+            self._pending = True
+            return
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. called from a GUI worker)
+                break
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+        return False
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        if not self._depth and self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
 
 
 def _complete(folder, a) -> bool:

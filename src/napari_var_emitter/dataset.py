@@ -134,7 +134,9 @@ class TrainingData:
         if photons.ndim == 2:
             photons = photons[None]
         _check_tile_fits(photons.shape, config, name)
-        per_frame = frames_slices(np.asarray(table, dtype=LOC_DTYPE), len(photons))
+        table = np.asarray(table, dtype=LOC_DTYPE)
+        _check_table_fits(table, photons.shape, name)
+        per_frame = frames_slices(table, len(photons))
         return cls(config, [_Stack(photons, per_frame, background, name)],
                    description=f"arrays ({name}, {len(photons)} frames)")
 
@@ -180,36 +182,32 @@ class TrainingData:
                 raw = np.asarray(st[:], dtype=np.float32)
                 tiff_px = st.pixel_size_nm
             kind = _tiff_kind(tpath, raw.shape, tiff_px, data_cfg)
-            epath = emitters[stem]
-            table, meta = read_emitters(epath, pixel_size_nm=data_cfg.pixel_size_nm)
-            px_emit = meta.get("pixel_size_nm") or data_cfg.pixel_size_nm
-            if abs(px_emit - data_cfg.pixel_size_nm) > 1e-3 * data_cfg.pixel_size_nm:
-                # emitter positions are physical; re-express them on the camera grid
-                scale = px_emit / data_cfg.pixel_size_nm
-                table["x"] = (table["x"] + 0.5) * scale - 0.5
-                table["y"] = (table["y"] + 0.5) * scale - 0.5
+            t, h, w = raw.shape
             if kind == "highres":
                 f = data_cfg.highres_factor
-                t, h, w = raw.shape
                 if h % f or w % f:
                     raise InputFileError(tpath, f"high-resolution TIFF of {h}x{w} pixels is not "
                                          f"a multiple of data.highres_factor={f}")
-                photons = raw.reshape(t, h // f, f, w // f, f).sum(axis=(2, 4))
-                log.info("%s: high-resolution photon TIFF (x%d), binned to %dx%d", tpath, f,
-                         h // f, w // f)
+                h, w = h // f, w // f
+            epath = emitters[stem]
+            # positions are physical (nm from the top-left corner): expressed on the camera
+            # grid, checked against the stack (frames beyond it, positions outside it)
+            table, _ = read_emitters(epath, pixel_size_nm=data_cfg.pixel_size_nm,
+                                     n_frames=t, shape=(h, w))
+            if kind == "highres":
+                f = data_cfg.highres_factor
+                photons = raw.reshape(t, h, f, w, f).sum(axis=(2, 4))
+                log.info("%s: high-resolution photon TIFF (x%d), binned to %dx%d", tpath, f, h, w)
             else:
                 cam = Camera(baseline=data_cfg.baseline, e_per_adu=data_cfg.e_per_adu,
                              em_gain=data_cfg.em_gain, qe=data_cfg.qe,
                              read_noise=data_cfg.read_noise)
                 photons = cam.adu_to_photons(raw)
                 log.info("%s: camera-resolution TIFF, ADU -> photons", tpath)
-            n = len(photons)
-            if len(table) and (table["frame"].max() >= n or table["frame"].min() < 0):
-                raise InputFileError(epath, f"emitter frames go up to {int(table['frame'].max())}"
-                                     f" (0-based) but {tpath} has {n} frames")
+            del raw
             _check_tile_fits(photons.shape, config, tpath)
-            stacks.append(_Stack(photons, frames_slices(table, n), None, stem)
-                          if kind == "camera" else _HighresStack(photons, frames_slices(table, n),
+            stacks.append(_Stack(photons, frames_slices(table, t), None, stem)
+                          if kind == "camera" else _HighresStack(photons, frames_slices(table, t),
                                                                  name=stem))
         return cls(config, stacks, description=f"{len(stacks)} file pair(s) from {tiff_dir}")
 
@@ -318,6 +316,28 @@ def _check_tile_fits(shape, config: Config, name):
     if shape[-2] < th or shape[-1] < tw:
         raise InputFileError(name, f"frames of {shape[-2]}x{shape[-1]} pixels are smaller than "
                              f"the model's training tile {th}x{tw}")
+
+
+def _check_table_fits(table, shape, name):
+    """Emitters must lie in the stack: frames ``0..T-1``, positions in the image up to
+    :data:`~.io.emitters.EDGE_MARGIN_PX` beyond its edges (their PSF tails still show)."""
+    from .io.emitters import EDGE_MARGIN_PX
+
+    if not len(table):
+        return
+    t, h, w = shape
+    frames = table["frame"]
+    if frames.min() < 0 or frames.max() >= t:
+        bad = int(frames.max() if frames.max() >= t else frames.min())
+        raise InputFileError(name, f"emitters in frame {bad} (0-based) but the stack has "
+                             f"frames 0..{t - 1}")
+    for axis, size in (("x", w), ("y", h)):
+        v = table[axis]
+        out = ~np.isfinite(v) | (v < -0.5 - EDGE_MARGIN_PX) | (v > size - 0.5 + EDGE_MARGIN_PX)
+        if out.any():
+            i = int(np.flatnonzero(out)[0])
+            raise InputFileError(name, f"emitter {i + 1} at {axis}={v[i]:.2f} px lies outside "
+                                 f"the {w}x{h} image (wrong pixel size or units?)")
 
 
 def _tiff_kind(path, shape, tiff_px, data_cfg) -> str:

@@ -4,8 +4,11 @@
 ``predict_iter`` is a generator (it yields :class:`ProgressEvent` per batch and *returns* a
 :class:`PredictionResult`), so the same code drives the command line, a napari
 ``thread_worker`` and plain tests. Frames of any size are cut into overlapping tiles of the
-model's input size; each tile owns a "core" region and the cores partition the frame, so an
-emitter on a tile border is reported exactly once.
+model's input size; each tile owns a "core" region and the cores partition the frame. Two
+neighbouring tiles estimate a border emitter's position slightly differently, so a strict
+"keep what falls in your core" rule would report it twice or never when their estimates
+straddle the border; tiles therefore report a band beyond their core too and
+:func:`merge_tile_detections` keeps one detection per emitter (test_inference checks it).
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ from .table import LOC_DTYPE, concat_tables, empty_table
 
 #: smallest frame side the model accepts (smaller frames carry too little context)
 MIN_FRAME_SIDE = 8
+#: tiles also report emitters up to this far (input px) beyond their core, so that an
+#: emitter whose position two neighbouring tiles estimate on opposite sides of the core
+#: border is still seen by both; :func:`merge_tile_detections` keeps one of them
+BORDER_BAND_PX = 1.0
+#: detections of two different tiles closer than this (input px) are one emitter (the
+#: tiles see the same pixels and differ only in context, so their estimates of one emitter
+#: differ far less than this; a tile that sees two emitters this close reports both)
+DUPLICATE_RADIUS_PX = 1.0
 BUNDLED_WEIGHTS = "var_emitter_default.pth"
 
 
@@ -247,14 +258,22 @@ class Predictor:
                     x = torch.from_numpy(tiles).to(self.device)
                     out = self.model(x, factors=factors, with_recon=False)["maps"]
                 tile_tables = decode_maps(out[self.loc_factor], self.loc_factor, threshold)
+                band = min(BORDER_BAND_PX, float(margin))
+                per_frame: dict[int, list] = {}
                 for (ti, ky, kx), tab in zip(where, tile_tables):
                     r0, c0 = ys[ky], xs[kx]
                     tab["x"] += c0
                     tab["y"] += r0
-                    keep = ((tab["y"] >= ybounds[ky] - 0.5) & (tab["y"] < ybounds[ky + 1] - 0.5)
-                            & (tab["x"] >= xbounds[kx] - 0.5) & (tab["x"] < xbounds[kx + 1] - 0.5))
-                    tab = tab[keep]
+                    ya, yb = _core_window(ybounds, ky, band)
+                    xa, xb = _core_window(xbounds, kx, band)
+                    tab = tab[(tab["y"] >= ya) & (tab["y"] < yb)
+                              & (tab["x"] >= xa) & (tab["x"] < xb)]
+                    own = ((tab["y"] >= ybounds[ky] - 0.5) & (tab["y"] < ybounds[ky + 1] - 0.5)
+                           & (tab["x"] >= xbounds[kx] - 0.5) & (tab["x"] < xbounds[kx + 1] - 0.5))
                     tab["frame"] = t0 + ti
+                    per_frame.setdefault(ti, []).append((tab, own, ky * len(xs) + kx))
+                for ti in sorted(per_frame):
+                    tab = merge_tile_detections(per_frame[ti])
                     tables.append(tab)
                     n_locs += len(tab)
                 if maps:
@@ -282,6 +301,55 @@ class Predictor:
         return PredictionResult(localizations=locs, shape=(t_total, h, w),
                                 pixel_size_nm=float(pixel_size_nm), factors=factors,
                                 loc_factor=self.loc_factor, maps=result_maps, camera=camera)
+
+
+def _core_window(bounds, k, band):
+    """Coordinate interval ``[lo, hi)`` of core ``k`` widened by ``band`` on inner borders
+    (never beyond the frame's own edges)."""
+    lo = bounds[k] - 0.5 - (band if k > 0 else 0.0)
+    hi = bounds[k + 1] - 0.5 + (band if k < len(bounds) - 2 else 0.0)
+    return lo, hi
+
+
+def merge_tile_detections(parts, radius: float = DUPLICATE_RADIUS_PX) -> np.ndarray:
+    """One frame's detections from several tiles -> one table, each emitter once.
+
+    ``parts`` is a list of ``(table, own, tile_id)``: ``own`` marks the detections that lie
+    in their tile's core. Detections from *different* tiles closer than ``radius`` are the
+    same emitter seen twice near a border; the one in its own tile's core wins (then the
+    more probable). A detection outside its core with no twin is kept: the tile that owns
+    that place missed it (or put it on the other side), and the detection is still at
+    least ``margin - band`` pixels from its tile's cut edge.
+    """
+    parts = [p for p in parts if len(p[0])]
+    if not parts:
+        return empty_table(0)
+    tab = concat_tables([p[0] for p in parts])
+    own = np.concatenate([np.asarray(p[1], bool) for p in parts])
+    src = np.concatenate([np.full(len(p[0]), p[2]) for p in parts])
+    if len(parts) == 1 or len(tab) < 2:
+        return tab
+    from scipy.spatial import cKDTree
+
+    xy = np.stack([tab["x"], tab["y"]], axis=1)
+    pairs = cKDTree(xy).query_pairs(radius, output_type="ndarray")
+    pairs = pairs[src[pairs[:, 0]] != src[pairs[:, 1]]] if len(pairs) else pairs
+    if not len(pairs):
+        return tab
+    neighbours: dict[int, list[int]] = {}
+    for i, j in pairs:
+        neighbours.setdefault(int(i), []).append(int(j))
+        neighbours.setdefault(int(j), []).append(int(i))
+    keep = np.ones(len(tab), bool)
+    decided = np.zeros(len(tab), bool)
+    # own-core detections first, then by probability: greedy suppression of cross-tile twins
+    for i in np.lexsort((-tab["prob"], ~own)):
+        if i not in neighbours:
+            continue
+        if any(decided[j] and keep[j] for j in neighbours[i]):
+            keep[i] = False
+        decided[i] = True
+    return tab[keep]
 
 
 def run_to_end(gen):

@@ -31,26 +31,28 @@ class PredictionsH5Writer:
         self.tmp = os.path.join(os.path.dirname(os.path.abspath(self.path)),
                                 "." + os.path.basename(self.path) + ".partial")
         t, h, w = shape
+        self.file = None
         try:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             self.file = h5py.File(self.tmp, "w")
+            self.file.attrs["package_version"] = __version__
+            self.file.attrs["shape"] = np.asarray(shape)
+            for k, v in (attrs or {}).items():
+                self.file.attrs[k] = v if isinstance(v, (int, float, str)) else json.dumps(v)
+            self.datasets = {}
+            for f in factors:
+                g = self.file.require_group(f"maps/x{f}")
+                g.attrs["factor"] = f
+                g.attrs["scale"] = 1.0 / f
+                g.attrs["translate"] = 0.5 / f - 0.5
+                self.datasets[f] = {
+                    k: g.create_dataset(k, shape=(t, f * h, f * w), dtype="f4",
+                                        chunks=(1, min(f * h, 512), min(f * w, 512)),
+                                        compression="gzip", compression_opts=1, shuffle=True)
+                    for k in MAP_NAMES}
         except OSError as e:
-            raise OutputError(f"{self.path}: cannot write ({e.strerror or e})") from None
-        self.file.attrs["package_version"] = __version__
-        self.file.attrs["shape"] = np.asarray(shape)
-        for k, v in (attrs or {}).items():
-            self.file.attrs[k] = v if isinstance(v, (int, float, str)) else json.dumps(v)
-        self.datasets = {}
-        for f in factors:
-            g = self.file.require_group(f"maps/x{f}")
-            g.attrs["factor"] = f
-            g.attrs["scale"] = 1.0 / f
-            g.attrs["translate"] = 0.5 / f - 0.5
-            self.datasets[f] = {
-                k: g.create_dataset(k, shape=(t, f * h, f * w), dtype="f4",
-                                    chunks=(1, min(f * h, 512), min(f * w, 512)),
-                                    compression="gzip", compression_opts=1, shuffle=True)
-                for k in MAP_NAMES}
+            self.abort()
+            raise _output_error(self.path, e) from None
 
     def write_maps(self, t0: int, maps: dict) -> None:
         """Write frames ``t0 .. t0+n`` of every map (``maps[f][name]`` arrays (n, fH, fW))."""
@@ -60,13 +62,19 @@ class PredictionsH5Writer:
                     self.datasets[f][k][t0:t0 + len(arr)] = arr
         except OSError as e:
             self.abort()
-            raise OutputError(f"{self.path}: cannot write ({e})") from None
+            raise _output_error(self.path, e) from None
 
     def write_localizations(self, table) -> None:
         """Store the localisation table (positions in input pixels, pixel-centre)."""
-        ds = self.file.create_dataset("localizations", data=np.asarray(table, dtype=LOC_DTYPE))
-        ds.attrs["units"] = "x, y, sigma, unc_x, unc_y: input pixels (pixel centre at integer);" \
-                            " photons: photons; background: photons/pixel; frame: 0-based"
+        try:
+            ds = self.file.create_dataset("localizations",
+                                          data=np.asarray(table, dtype=LOC_DTYPE))
+            ds.attrs["units"] = ("x, y, sigma, unc_x, unc_y: input pixels (pixel centre at "
+                                 "integer); photons: photons; background: photons/pixel; "
+                                 "frame: 0-based")
+        except OSError as e:
+            self.abort()
+            raise _output_error(self.path, e) from None
 
     def close(self) -> None:
         """Flush, close and rename the file into place."""
@@ -75,12 +83,13 @@ class PredictionsH5Writer:
             os.replace(self.tmp, self.path)
         except OSError as e:
             _remove(self.tmp)
-            raise OutputError(f"{self.path}: cannot write ({e})") from None
+            raise _output_error(self.path, e) from None
 
     def abort(self) -> None:
         """Close and delete the partial file."""
         try:
-            self.file.close()
+            if self.file is not None:
+                self.file.close()
         except Exception:  # noqa: BLE001 - already failing; the partial file goes anyway
             pass
         _remove(self.tmp)
@@ -88,6 +97,20 @@ class PredictionsH5Writer:
     def open_lazy(self) -> dict:
         """The written maps as read-only h5py datasets (read on access)."""
         return open_prediction_maps(self.path)
+
+
+def _output_error(path, e: OSError) -> OutputError:
+    """One-line :class:`OutputError` for a failed write (HDF5 reports ENOSPC in its text)."""
+    import errno
+
+    text = str(e)
+    if e.errno == errno.ENOSPC or "No space left" in text or "errno = 28" in text:
+        why = "disk full"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or "ermission denied" in text:
+        why = "permission denied"
+    else:
+        why = " ".join((e.strerror or text).split())[:200]
+    return OutputError(f"{path}: cannot write ({why})")
 
 
 def open_prediction_maps(path) -> dict:

@@ -24,8 +24,11 @@ import torch
 from .checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .dataset import TrainingData, collate_targets
-from .errors import CheckpointError, VarEmitterError
+from .errors import CheckpointError, OutputError, VarEmitterError
 from .inference import decode_maps, resolve_device
+
+#: consecutive steps with a non-finite loss or gradient after which training stops
+MAX_BAD_STEPS = 20
 
 
 class TrainingError(VarEmitterError):
@@ -120,6 +123,7 @@ class Trainer:
         self.step = 0
         self.best_metric = -math.inf
         self.history: list[dict] = []
+        self._bad_steps = 0
         if init is not None:
             ckpt = load_checkpoint(init)
             src = build_model_from_checkpoint(ckpt, init)
@@ -134,15 +138,27 @@ class Trainer:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 # finer scales are switched off early in progressive training
-                find_unused_parameters=True)
+                find_unused_parameters=True,
+                # the VQ codebook is an EMA buffer updated inside forward: rank 0's copy is
+                # broadcast before every forward so all ranks quantise with the same codes
+                broadcast_buffers=True)
         self.writer = None
         if self.is_main:
-            os.makedirs(self.output_dir, exist_ok=True)
+            try:
+                os.makedirs(self.output_dir, exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"{self.output_dir}: output folder cannot be created "
+                                  f"({e.strerror or e})") from None
+            _remove_stale_temporaries(self.output_dir)
             self.config.save(os.path.join(self.output_dir, "config.json"))
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(os.path.join(self.output_dir, "tensorboard"))
+                try:
+                    self.writer = SummaryWriter(os.path.join(self.output_dir, "tensorboard"))
+                except OSError as e:
+                    raise OutputError(f"{self.output_dir}: cannot write TensorBoard logs "
+                                      f"({e.strerror or e})") from None
 
     # -- public API -------------------------------------------------------------------
     def cancel(self) -> None:
@@ -227,6 +243,9 @@ class Trainer:
         batch = self.data.train_batch(tr.batch_size, self.rng)
         x = torch.from_numpy(batch.frames).to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
+        # the VQ codebook moves by EMA inside forward; keep a copy so that a step whose
+        # loss turns out non-finite leaves no trace in the model (cheap: a few small buffers)
+        buffers = {k: b.detach().clone() for k, b in self.module.named_buffers()}
         with self._autocast():
             if batch.labeled:
                 out = self.model(x, factors=list(ramp), with_recon=True)
@@ -234,17 +253,35 @@ class Trainer:
                 out = self.model(x, factors=[], with_recon=True)
         target = collate_targets(batch, self.device) if batch.labeled else None
         total, logs = self.loss_fn(out, target, scale_ramp=ramp if batch.labeled else {})
-        if not torch.isfinite(total):
-            self._bad_steps = getattr(self, "_bad_steps", 0) + 1
-            if self._bad_steps > 20:
-                raise TrainingError("the loss was NaN/Inf for 20 steps in a row; lower "
-                                    "training.learning_rate or check the data")
-            return {"loss": float("nan"), "skipped": 1.0}
-        self._bad_steps = 0
-        self.scaler.scale(total).backward()
-        if tr.grad_clip > 0:
+        finite = self._all_ranks(bool(torch.isfinite(total.detach()).item()))
+        if finite or self.distributed:
+            # under DDP every rank must run backward (its gradient all-reduce is collective)
+            self.scaler.scale(total).backward()
+        grad_ok = finite
+        if finite:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
+            # grad_clip 0 = no clipping, but the norm still tells whether the step is finite
+            norm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), tr.grad_clip if tr.grad_clip > 0 else math.inf)
+            # fp16: the scaler skips inf/NaN gradients by itself and lowers its scale
+            if not self.scaler.is_enabled():
+                grad_ok = self._all_ranks(bool(torch.isfinite(norm).item()))
+        if not grad_ok:
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for k, b in self.module.named_buffers():
+                    b.copy_(buffers[k])
+            self._bad_steps += 1
+            if self._bad_steps >= MAX_BAD_STEPS:
+                what = "loss" if not finite else "gradient"
+                raise TrainingError(
+                    f"training stopped at step {self.step + 1}: the {what} was NaN or infinite "
+                    f"for {self._bad_steps} steps in a row (the steps were skipped); lower "
+                    "training.learning_rate, check the data, or resume from "
+                    f"{self.last_checkpoint}")
+            return {"loss": float(total.detach()), "skipped": 1.0,
+                    "lr": self.optimizer.param_groups[0]["lr"]}
+        self._bad_steps = 0
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -252,6 +289,14 @@ class Trainer:
         logs["loss"] = float(total.detach())
         logs["lr"] = self.optimizer.param_groups[0]["lr"]
         return logs
+
+    def _all_ranks(self, flag: bool) -> bool:
+        """True only if ``flag`` is True on every rank (one collective decision under DDP)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return bool(t.item() > 0.5)
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -328,7 +373,8 @@ class Trainer:
             "epoch": self.step // self.config.training.steps_per_epoch,
             "best_metric": float(self.best_metric),
             "metrics": {k: float(v) for k, v in metrics.items()},
-            "history": [{k: float(v) for k, v in h.items()} for h in self.history],
+            "history": [{k: (int(v) if k in ("epoch", "step") else float(v))
+                         for k, v in h.items()} for h in self.history],
             "rng_torch": torch.get_rng_state(),
             "rng_numpy": self.rng.bit_generator.state,
         }
@@ -357,6 +403,21 @@ class Trainer:
             raise CheckpointError(path, f"cannot resume: the checkpoint lacks {e}") from None
 
 
+def _remove_stale_temporaries(folder: str) -> None:
+    """Delete temporary files of an earlier run killed while writing (``kill -9``): atomic
+    writes name them ``.tmp-<file>-*`` beside the checkpoint they were to replace."""
+    prefixes = tuple(f".tmp-{name}-" for name in ("best_model.pth", "last_model.pth",
+                                                   "config.json"))
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.startswith(prefixes):
+            try:
+                os.remove(os.path.join(folder, entry))
+            except OSError:
+                pass
 
 
 def _score(metrics: dict) -> float:

@@ -1,0 +1,286 @@
+"""The training API (:class:`~napari_var_emitter.training.Trainer`) on a tiny model.
+
+Everything runs on the CPU with a model of a few thousand parameters on 16x16 tiles, so each
+test takes a second or two; what is checked is the training *machinery* (events, progressive
+scales, checkpoints, exact resume, cancellation, NaN guard, mixed precision, unlabeled data).
+Whether the real model learns to localise is checked end to end in test_cli_predict_train.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from napari_var_emitter.checkpoint import load_checkpoint
+from napari_var_emitter.config import Config
+from napari_var_emitter.dataset import TrainingData
+from napari_var_emitter.training import MAX_BAD_STEPS, Trainer, TrainingError, scale_ramp
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Single-threaded torch: on a CPU shared with other jobs OpenMP's barrier waits make
+    small multi-threaded ops up to 100x slower (measured on the 2-core test machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_config(**training) -> Config:
+    """16x16 tiles, factors 2/4/8, a few thousand parameters; ``training`` overrides."""
+    tr = {"num_epochs": 2, "batch_size": 4, "steps_per_epoch": 3, "val_samples": 8,
+          "warmup_epochs": 1, "seed": 3}
+    tr.update(training)
+    return Config.from_dict({
+        "model": {"input_size": [16, 16], "target_sizes": [[32, 32], [64, 64], [128, 128]],
+                  "base_channels": 8, "embed_dim": 16, "num_heads": 2, "num_layers": 1,
+                  "patch_size": 4, "codebook_size": 16, "code_dim": 8, "vq_scales": [1, 2, 4]},
+        "training": tr,
+        "simulation": {"frame_size": [16, 16], "density_per_um2": [0.5, 2.0]},
+    })
+
+
+def make_trainer(tmp_path, cfg=None, data=None, **kw) -> Trainer:
+    cfg = cfg or tiny_config()
+    kw.setdefault("tensorboard", False)
+    return Trainer(cfg, data or TrainingData.simulated(cfg), tmp_path, device="cpu", **kw)
+
+
+def state(trainer_or_module) -> dict:
+    m = getattr(trainer_or_module, "module", trainer_or_module)
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+# -- progressive scale schedule ------------------------------------------------------------
+
+def test_scale_ramp_switches_finer_scales_in_linearly_over_the_warmup():
+    cfg = tiny_config(warmup_epochs=4)
+    f = [2, 4, 8]
+    # two finer scales share the 4 warm-up epochs: x4 ramps over [0, 2), x8 over [2, 4)
+    assert scale_ramp(f, 0.0, cfg) == {2: 1.0}
+    assert scale_ramp(f, 0.5, cfg) == {2: 1.0, 4: 0.25}
+    assert scale_ramp(f, 1.0, cfg) == {2: 1.0, 4: 0.5}
+    assert scale_ramp(f, 2.0, cfg) == {2: 1.0, 4: 1.0}
+    assert scale_ramp(f, 3.0, cfg) == {2: 1.0, 4: 1.0, 8: 0.5}
+    assert scale_ramp(f, 4.0, cfg) == {2: 1.0, 4: 1.0, 8: 1.0}
+    assert scale_ramp(f, 100.0, cfg) == {2: 1.0, 4: 1.0, 8: 1.0}
+    # weights never decrease and stay in [0, 1]
+    prev = {}
+    for e in np.linspace(0, 5, 51):
+        r = scale_ramp(f, float(e), cfg)
+        assert all(0 < w <= 1 for w in r.values())
+        assert all(r.get(k, 0) >= v for k, v in prev.items())
+        prev = r
+
+
+def test_scale_ramp_step_none_and_not_progressive():
+    f = [2, 4, 8]
+    step = tiny_config(warmup_epochs=4, scale_schedule="step")
+    assert scale_ramp(f, 0.0, step) == {2: 1.0, 4: 1.0}
+    assert scale_ramp(f, 1.9, step) == {2: 1.0, 4: 1.0}
+    assert scale_ramp(f, 2.0, step) == {2: 1.0, 4: 1.0, 8: 1.0}
+    every = {2: 1.0, 4: 1.0, 8: 1.0}
+    assert scale_ramp(f, 0.0, tiny_config(scale_schedule="none")) == every
+    assert scale_ramp(f, 0.0, tiny_config(progressive=False)) == every
+    assert scale_ramp(f, 0.0, tiny_config(warmup_epochs=0)) == every
+
+
+# -- events, checkpoints, TensorBoard -----------------------------------------------------
+
+def test_events_report_steps_epochs_and_done_and_write_checkpoints(tmp_path):
+    cfg = tiny_config(num_epochs=2, steps_per_epoch=3, warmup_epochs=1)
+    tr = make_trainer(tmp_path, cfg, tensorboard=True, log_every=1)
+    events = list(tr.events())
+    tr.close()
+    kinds = [e.kind for e in events]
+    assert kinds == ["step"] * 3 + ["epoch"] + ["step"] * 3 + ["epoch", "done"]
+    steps = [e for e in events if e.kind == "step"]
+    assert [e.step for e in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(e.total_steps == 6 for e in events)
+    assert [e.epoch for e in events if e.kind == "epoch"] == [1, 2]
+    # progressive: the first step trains only the coarse scale, x8 joins after the warm-up
+    assert "count/x2" in steps[0].losses and "count/x8" not in steps[0].losses
+    assert "count/x8" in steps[-1].losses
+    for e in steps:
+        assert math.isfinite(e.losses["loss"]) and e.losses["lr"] > 0
+    for e in (ev for ev in events if ev.kind == "epoch"):
+        for key in ("loss", "perplexity", "jaccard", "recall", "count_mae"):
+            assert key in e.metrics, key
+        assert 0 <= e.metrics["jaccard"] <= 1
+    assert events[-1].metrics["step"] == 6
+    assert len(tr.history) == 2
+
+    for name in ("best_model.pth", "last_model.pth"):
+        raw = torch.load(tmp_path / name, weights_only=True)  # plain data: no code inside
+        assert raw["step"] in (3, 6) and raw["config"]["model"]["embed_dim"] == 16
+        assert "package_version" in raw and "metrics" in raw
+    last = load_checkpoint(tmp_path / "last_model.pth")
+    assert last["step"] == 6 and last["epoch"] == 2
+    assert (tmp_path / "config.json").exists()
+    assert Config.from_dict(json.loads((tmp_path / "config.json").read_text())) == cfg
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/count/x2", "train/loc/x2", "train/recon",
+                "train/vq_perplexity", "val/loss", "val/jaccard", "val/perplexity"):
+        assert tag in tags, (tag, sorted(tags))
+    assert [s.step for s in acc.Scalars("val/loss")] == [3, 6]
+    assert any(t.startswith("maps/x2") for t in acc.Tags()["images"])
+
+
+def test_bf16_mixed_precision_on_cpu_trains(tmp_path):
+    cfg = tiny_config(mixed_precision="bf16", num_epochs=1, steps_per_epoch=3)
+    tr = make_trainer(tmp_path, cfg)
+    assert tr.amp_dtype == torch.bfloat16
+    before = state(tr)
+    events = list(tr.events())
+    losses = [e.losses["loss"] for e in events if e.kind == "step"]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert all("skipped" not in e.losses for e in events if e.kind == "step")
+    after = state(tr)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+
+
+# -- NaN guard -----------------------------------------------------------------------------
+
+def test_nan_loss_step_is_skipped_without_touching_the_model(tmp_path):
+    cfg = tiny_config(num_epochs=1, steps_per_epoch=3)
+    tr = make_trainer(tmp_path, cfg)
+    real_loss = tr.loss_fn
+    calls = []
+
+    def nan_on_second_call(out, target, scale_ramp=None):
+        total, logs = real_loss(out, target, scale_ramp=scale_ramp)
+        calls.append(1)
+        return (total * float("nan"), logs) if len(calls) == 2 else (total, logs)
+
+    tr.loss_fn = nan_on_second_call
+    gen = tr.events()
+    first = next(gen)
+    snapshot = state(tr)  # parameters *and* buffers (the VQ codebook moves by EMA)
+    lr_before = tr.optimizer.param_groups[0]["lr"]
+    second = next(gen)
+    assert second.kind == "step" and second.losses.get("skipped") == 1.0
+    after = state(tr)
+    for k in snapshot:
+        assert torch.equal(snapshot[k], after[k]), f"{k} changed on a skipped step"
+    assert tr.optimizer.param_groups[0]["lr"] == lr_before
+    third = next(gen)
+    assert "skipped" not in third.losses and math.isfinite(third.losses["loss"])
+    assert first.kind == "step"
+    rest = list(gen)
+    assert rest[-1].kind == "done"
+
+
+def test_persistent_nan_stops_training_with_a_clear_error(tmp_path):
+    cfg = tiny_config(num_epochs=10, steps_per_epoch=10)
+    tr = make_trainer(tmp_path, cfg)
+    real_loss = tr.loss_fn
+    tr.loss_fn = lambda out, target, scale_ramp=None: (
+        real_loss(out, target, scale_ramp=scale_ramp)[0] * float("inf") * 0.0, {})
+    seen = []
+    with pytest.raises(TrainingError, match="NaN or infinite") as info:
+        for ev in tr.events():
+            seen.append(ev)
+    steps = [e for e in seen if e.kind == "step"]
+    assert len(steps) == MAX_BAD_STEPS - 1  # every step before the last was skipped
+    assert all(e.losses.get("skipped") == 1.0 for e in steps)
+    assert "\n" not in str(info.value) and "learning_rate" in str(info.value)
+
+
+# -- cancellation and exact resume ---------------------------------------------------------
+
+def _run(trainer, cancel_at=None):
+    for ev in trainer.events():
+        if cancel_at is not None and ev.kind == "step" and ev.step == cancel_at:
+            trainer.cancel()
+    return ev
+
+
+def test_cancel_leaves_a_resumable_checkpoint_and_resume_is_exact(tmp_path):
+    cfg = tiny_config(num_epochs=2, steps_per_epoch=4, warmup_epochs=1)
+    torch.manual_seed(123)  # unrelated global state must not matter: the trainer seeds itself
+    full = make_trainer(tmp_path / "full", cfg)
+    assert _run(full).kind == "done"
+    reference = state(full)
+
+    part = make_trainer(tmp_path / "part", cfg)
+    last = _run(part, cancel_at=5)  # mid-epoch, after one validation
+    assert last.kind == "cancelled" and last.step == 5
+    ckpt = load_checkpoint(tmp_path / "part" / "last_model.pth")
+    assert ckpt["step"] == 5
+    for key in ("optimizer", "scheduler", "rng_torch", "rng_numpy", "history"):
+        assert key in ckpt
+    torch.manual_seed(999)
+    np.random.seed(999)
+    resumed = make_trainer(tmp_path / "resumed", cfg,
+                           resume=tmp_path / "part" / "last_model.pth")
+    assert resumed.step == 5
+    assert _run(resumed).kind == "done"
+    got = state(resumed)
+    assert got.keys() == reference.keys()
+    for k in reference:
+        assert torch.allclose(got[k].float(), reference[k].float(), rtol=1e-5, atol=1e-6), k
+    assert len(resumed.history) == len(full.history) == 2
+    for a, b in zip(resumed.history, full.history):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, nan_ok=True), k
+
+
+def test_init_starts_a_fine_tune_from_given_weights(tmp_path):
+    cfg = tiny_config(num_epochs=1, steps_per_epoch=2)
+    first = make_trainer(tmp_path / "a", cfg)
+    _run(first)
+    tuned = make_trainer(tmp_path / "b", cfg, init=tmp_path / "a" / "last_model.pth")
+    assert tuned.step == 0
+    loaded = state(tuned)
+    for k, v in state(first).items():
+        assert torch.equal(loaded[k], v), k
+
+
+# -- other data sources --------------------------------------------------------------------
+
+def test_training_from_arrays_reports_localisation_metrics(tmp_path):
+    from napari_var_emitter.camera import Camera
+    from napari_var_emitter.simulation import simulate_movie
+
+    movie = simulate_movie(12, (24, 24), 5, 1.0, camera=Camera(baseline=100, e_per_adu=2),
+                           highres_factor=None)
+    cfg = tiny_config(num_epochs=1, steps_per_epoch=2)
+    data = TrainingData.from_arrays(movie.adu, movie.table, cfg,
+                                    camera=Camera(baseline=100, e_per_adu=2))
+    assert data.n_frames == 12
+    ev = _run(make_trainer(tmp_path, cfg, data=data))
+    assert ev.kind == "done" and "jaccard" in ev.metrics
+
+
+def test_reconstruction_only_training_on_unlabeled_frames_reduces_the_loss(tmp_path):
+    from napari_var_emitter.camera import Camera
+    from napari_var_emitter.simulation import simulate_movie
+
+    movie = simulate_movie(16, (32, 32), 2, 2.0, camera=Camera(baseline=100, e_per_adu=2),
+                           highres_factor=None)
+    cfg = tiny_config(num_epochs=4, steps_per_epoch=10, learning_rate=3e-3, val_samples=16)
+    data = TrainingData.unlabeled(movie.adu, cfg, camera=Camera(baseline=100, e_per_adu=2))
+    assert not data.labeled
+    tr = make_trainer(tmp_path, cfg, data=data)
+    events = list(tr.events())
+    steps = [e.losses for e in events if e.kind == "step"]
+    # only the reconstruction and VQ terms exist: no emitter maps are trained
+    assert "recon" in steps[0] and not any(k.startswith(("count", "loc")) for k in steps[0])
+    val = [e.metrics["loss"] for e in events if e.kind == "epoch"]
+    first = np.mean([s["recon"] for s in steps[:5]])
+    last = np.mean([s["recon"] for s in steps[-5:]])
+    assert last < 0.7 * first, (first, last)
+    assert val[-1] < val[0], val
+    assert (tmp_path / "best_model.pth").exists() and (tmp_path / "last_model.pth").exists()

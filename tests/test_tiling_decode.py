@@ -56,3 +56,21 @@ def test_decode_integrates_probability_split_between_neighbours():
     (t,) = decode_maps(m, 2, threshold=0.5)
     assert len(t) == 1
     assert t["prob"][0] == pytest.approx(0.65, abs=1e-5)
+
+
+def test_decode_finds_one_emitter_in_diffuse_probability():
+    # an emitter at input (x=4.3, y=5.6) whose probability (0.09 each) spreads over the
+    # 3x3 x2 pixels around it, every pixel's offset pointing at it: one detection there
+    f, ex, ey = 2, 4.3, 5.6
+    peaks = []
+    cj, ci = int((ey + 0.5) * f), int((ex + 0.5) * f)
+    for j in range(cj - 1, cj + 2):
+        for i in range(ci - 1, ci + 2):
+            dx = ex - ((i + 0.5) / f - 0.5)
+            dy = ey - ((j + 0.5) / f - 0.5)
+            peaks.append((j, i, 0.09, dx, dy))
+    m = _maps(f, 12, 12, peaks)
+    (t,) = decode_maps(m, f, threshold=0.5)
+    assert len(t) == 1
+    assert t["x"][0] == pytest.approx(ex, abs=1e-5) and t["y"][0] == pytest.approx(ey, abs=1e-5)
+    assert t["prob"][0] == pytest.approx(0.81, abs=1e-5)

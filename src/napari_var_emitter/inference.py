@@ -121,34 +121,55 @@ def tile_grid(size: int, tile: int, margin: int):
     return starts, bounds
 
 
-def decode_maps(m: dict, f: int, threshold: float, min_prob: float = 0.05) -> list[np.ndarray]:
+def decode_maps(m: dict, f: int, threshold: float) -> list[np.ndarray]:
     """Localisations from the maps of one scale (tensors (N, f*H, f*W)), one table per tile.
 
-    A candidate is a 3x3 local maximum of the probability map; its detection probability is
-    the probability integrated over the 3x3 neighbourhood (capped at 1), which must reach
-    ``threshold``. The position is the map pixel's centre plus the predicted offset.
+    An emitter's probability mass may spread over several map pixels (more so at finer
+    scales), so the map is integrated over a window of one input pixel's radius
+    (``2f + 1`` map pixels). A candidate is a local maximum of that integrated map; its
+    detection probability is the integrated probability (capped at 1), which must reach
+    ``threshold``. Its position, photons and uncertainties are the probability-weighted
+    means of the per-pixel predictions (pixel centre ``(j + 0.5)/f - 0.5`` plus offset)
+    within the window.
     """
     p = m["prob"].float()
-    pmax = F.max_pool2d(p[:, None], 3, 1, 1)[:, 0]
-    psum = F.avg_pool2d(p[:, None], 3, 1, 1, count_include_pad=True)[:, 0] * 9.0
-    peak = (p >= pmax) & (p > min_prob) & (psum >= threshold)
+    n_tiles, h, w = p.shape
+    k = 2 * f + 1
+
+    def window_sum(a):
+        return F.avg_pool2d(a[:, None], k, 1, k // 2, count_include_pad=True)[:, 0] * (k * k)
+
+    dev = p.device
+    yc = (torch.arange(h, device=dev, dtype=torch.float32)[:, None] + 0.5) / f - 0.5
+    xc = (torch.arange(w, device=dev, dtype=torch.float32)[None, :] + 0.5) / f - 0.5
+    mass = window_sum(p)
+    # break exact ties on plateaus (a lone pixel makes a flat k x k plateau): prefer the
+    # pixel holding most probability itself, then a fixed order
+    order = torch.arange(h * w, device=dev, dtype=torch.float32).reshape(h, w) / (h * w)
+    score = mass + 1e-3 * p + 1e-7 * order
+    peak = (score >= F.max_pool2d(score[:, None], k, 1, k // 2)[:, 0]) & (mass >= threshold)
     n, j, i = torch.nonzero(peak, as_tuple=True)
+    norm = mass[n, j, i].clamp_min(1e-12)
+
+    def weighted(a):
+        return window_sum(p * a)[n, j, i] / norm
+
     cols = {
-        "x": (i.float() + 0.5) / f - 0.5 + m["offset_x"][n, j, i].float(),
-        "y": (j.float() + 0.5) / f - 0.5 + m["offset_y"][n, j, i].float(),
-        "photons": m["photons"][n, j, i].float(),
-        "background": m["background"][n, j, i].float(),
-        "prob": psum[n, j, i].clamp(max=1.0),
-        "unc_x": m["sigma_x"][n, j, i].float(),
-        "unc_y": m["sigma_y"][n, j, i].float(),
+        "x": weighted(xc + m["offset_x"].float()),
+        "y": weighted(yc + m["offset_y"].float()),
+        "photons": weighted(m["photons"].float()),
+        "background": weighted(m["background"].float()),
+        "prob": mass[n, j, i].clamp(max=1.0),
+        "unc_x": weighted(m["sigma_x"].float()),
+        "unc_y": weighted(m["sigma_y"].float()),
     }
-    cols = {k: v.cpu().numpy() for k, v in cols.items()}
+    cols = {key: v.cpu().numpy() for key, v in cols.items()}
     n = n.cpu().numpy()
     out = []
-    order = np.argsort(n, kind="stable")
-    edges = np.searchsorted(n[order], np.arange(p.shape[0] + 1))
-    for k in range(p.shape[0]):
-        sel = order[edges[k]:edges[k + 1]]
+    by_tile = np.argsort(n, kind="stable")
+    edges = np.searchsorted(n[by_tile], np.arange(n_tiles + 1))
+    for t_idx in range(n_tiles):
+        sel = by_tile[edges[t_idx]:edges[t_idx + 1]]
         t = empty_table(len(sel))
         for name, v in cols.items():
             t[name] = v[sel]

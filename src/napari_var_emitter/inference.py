@@ -143,10 +143,12 @@ def decode_maps(m: dict, f: int, threshold: float) -> list[np.ndarray]:
     yc = (torch.arange(h, device=dev, dtype=torch.float32)[:, None] + 0.5) / f - 0.5
     xc = (torch.arange(w, device=dev, dtype=torch.float32)[None, :] + 0.5) / f - 0.5
     mass = window_sum(p)
-    # break exact ties on plateaus (a lone pixel makes a flat k x k plateau): prefer the
-    # pixel holding most probability itself, then a fixed order
-    order = torch.arange(h * w, device=dev, dtype=torch.float32).reshape(h, w) / (h * w)
-    score = mass + 1e-3 * p + 1e-7 * order
+    # Every window that holds a compact blob whole has the same mass (a plateau): prefer the
+    # window centred on the blob (most probability in its central 3x3), then a fixed order.
+    # Float64 so that these small tie-breakers are not lost to rounding.
+    p3 = F.avg_pool2d(p[:, None], 3, 1, 1, count_include_pad=True)[:, 0] * 9
+    order = torch.arange(h * w, device=dev, dtype=torch.float64).reshape(h, w)
+    score = mass.double() + 1e-4 * p3.double() + 1e-13 * order
     peak = (score >= F.max_pool2d(score[:, None], k, 1, k // 2)[:, 0]) & (mass >= threshold)
     n, j, i = torch.nonzero(peak, as_tuple=True)
     norm = mass[n, j, i].clamp_min(1e-12)

@@ -1,0 +1,185 @@
+"""Smoke tests of the benchmark scripts (benchmarks/run_benchmarks.py, peer_picasso.py).
+
+The full benchmark takes minutes; here it runs in ``--quick`` mode on one scenario with the
+tiny untrained model (its detections are meaningless: the test checks that the report is
+complete and its numbers are real numbers). The Picasso side is checked on hand-made locs;
+the part that needs the peers venv (``picassosr``) is skipped when it is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import peer_picasso  # noqa: E402
+import run_benchmarks  # noqa: E402
+
+PEER_PYTHON = os.environ.get("VAR_EMITTER_PEER_PYTHON", run_benchmarks.DEFAULT_PEER_PYTHON)
+
+
+def _section_rows(report: str, heading: str) -> list[list[str]]:
+    """Data rows (cells) of the first markdown table after ``## heading``."""
+    part = report.split(f"## {heading}", 1)[1]
+    rows = []
+    for line in part.splitlines()[1:]:
+        if line.startswith("## "):
+            break
+        if line.startswith("|") and "---" not in line:
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows[1:]  # drop the header
+
+
+def test_quick_benchmark_writes_complete_report(tmp_path, untrained_checkpoint):
+    out = tmp_path / "results.md"
+    raw = tmp_path / "results.json"
+    cmd = [sys.executable, str(BENCH / "run_benchmarks.py"), "--quick", "--skip-picasso",
+           "--scenarios", "sparse", "--checkpoint", str(untrained_checkpoint),
+           "--out", str(out), "--json", str(raw), "--no-speed"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = out.read_text()
+    for heading in ("Machine and software", "Scenarios", "Detection", "Localisation accuracy",
+                    "Counting", "Uncertainty calibration", "Speed and memory"):
+        assert f"## {heading}" in report, heading
+    assert "--scenarios sparse" in report  # the exact command is recorded
+    assert re.search(r"\d+ cores \(nproc\)", report)
+    assert "Picasso: not run (--skip-picasso)" in report
+
+    det = _section_rows(report, "Detection")
+    assert [r[0] for r in det] == ["sparse"]
+    n_true, jaccard = int(det[0][1]), float(det[0][2])
+    assert n_true > 0 and 0.0 <= jaccard <= 1.0
+
+    speed = _section_rows(report, "Speed and memory")
+    frames, fps, rss = int(speed[0][1]), float(speed[0][2]), float(speed[0][3])
+    assert frames == run_benchmarks.SCENARIOS["sparse"].quick_frames
+    assert fps > 0 and 100 < rss < 4000  # MB: a Python + torch process
+
+    data = json.loads(raw.read_text())
+    (res,) = data["results"]
+    assert res["n_true"] == n_true
+    assert res["ours"]["n_true"] == n_true
+    assert math.isclose(res["ours"]["jaccard"], jaccard, abs_tol=5e-4)
+
+
+def test_run_measured_reports_the_childs_own_peak_memory(tmp_path):
+    # the end-to-end timing relies on os.wait4's ru_maxrss of that one child
+    code = "import numpy as np; a = np.ones(300 * 2**20 // 8); print(a.sum())"
+    r = run_benchmarks.run_measured([sys.executable, "-c", code], str(tmp_path / "log"))
+    assert r["rc"] == 0
+    assert 300 <= r["peak_rss_mb"] < 1000
+    assert r["wall_s"] > 0
+    failing = run_benchmarks.run_measured([sys.executable, "-c", "raise SystemExit(3)"],
+                                          str(tmp_path / "log2"))
+    assert failing["rc"] == 3
+    assert failing["peak_rss_mb"] < 100  # not this (large) test process's RSS
+
+
+def test_cli_command_is_the_contract_predict_line():
+    cmd = run_benchmarks.cli_command("in.tif", "OUT", "m.pth", run_benchmarks.EMCCD)
+    assert cmd[cmd.index("predict") + 1] == "in.tif"
+    for opt, val in (("--output_dir", "OUT"), ("--baseline", "100.0"), ("--e-per-adu", "20.0"),
+                     ("--em-gain", "200.0"), ("--qe", "0.9"), ("--checkpoint", "m.pth")):
+        assert cmd[cmd.index(opt) + 1] == val
+    assert "--no-maps" in cmd and "--no-figures" in cmd
+    with_maps = run_benchmarks.cli_command("in.tif", "OUT", None, run_benchmarks.SCMOS,
+                                           maps=True)
+    assert "--no-maps" not in with_maps and "--checkpoint" not in with_maps
+
+
+def test_unknown_scenario_is_refused(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "run_benchmarks.py"), "--scenarios",
+                           "nonesuch", "--out", str(tmp_path / "r.md")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "unknown scenario(s) nonesuch" in proc.stderr
+    assert not (tmp_path / "r.md").exists()
+
+
+def _hand_made_picasso_locs():
+    """A Picasso-like locs record array (its field names; what older Picasso returns)."""
+    dtype = [("frame", "u4"), ("x", "f4"), ("y", "f4"), ("photons", "f4"), ("sx", "f4"),
+             ("sy", "f4"), ("bg", "f4"), ("lpx", "f4"), ("lpy", "f4"),
+             ("net_gradient", "f4")]
+    locs = np.zeros(3, dtype=dtype).view(np.recarray)
+    locs.frame = [0, 0, 4]
+    locs.x = [1.25, 10.0, 38.5]
+    locs.y = [0.0, 20.75, 3.5]
+    locs.photons = [1000, 2500, 400]
+    locs.sx = [1.0, 1.2, 1.5]
+    locs.sy = [1.2, 1.2, 1.3]
+    locs.bg = [20, 21, 22]
+    locs.lpx = [0.05, 0.1, 0.2]
+    locs.lpy = [0.06, 0.1, 0.25]
+    locs.net_gradient = [900, 5000, 120]
+    return locs
+
+
+def test_peer_locs_round_trip_to_our_table(tmp_path):
+    locs = _hand_made_picasso_locs()
+    path = str(tmp_path / "locs.npz")
+    peer_picasso.write_npz(path, peer_picasso.locs_to_columns(locs), {"min_net_gradient": 100})
+    table, ng, meta = run_benchmarks.load_peer_locs(path)
+    assert meta == {"min_net_gradient": 100}
+    np.testing.assert_array_equal(table["frame"], [0, 0, 4])
+    # Picasso's pixel-centre coordinates are ours: no shift
+    np.testing.assert_allclose(table["x"], [1.25, 10.0, 38.5])
+    np.testing.assert_allclose(table["y"], [0.0, 20.75, 3.5])
+    np.testing.assert_allclose(table["sigma"], [1.1, 1.2, 1.4], rtol=1e-6)
+    np.testing.assert_allclose(table["unc_x"], [0.05, 0.1, 0.2], rtol=1e-6)
+    np.testing.assert_allclose(table["unc_y"], [0.06, 0.1, 0.25], rtol=1e-6)
+    np.testing.assert_allclose(table["background"], [20, 21, 22])
+    np.testing.assert_allclose(ng, [900, 5000, 120])
+    assert (table["prob"] == 1).all()
+    # tuning filters by net gradient exactly as Picasso's threshold would
+    assert list(table[ng > 500]["x"]) == [1.25, 10.0]
+
+
+def test_picasso_threshold_grid_is_in_adu_of_each_camera():
+    # Picasso's net gradient is computed on raw counts: 1 photon = qe * gain / e_per_adu ADU
+    assert run_benchmarks.adu_per_photon(run_benchmarks.SCMOS) == pytest.approx(0.9 / 0.5)
+    assert run_benchmarks.adu_per_photon(run_benchmarks.EMCCD) == pytest.approx(0.9 * 200 / 20)
+    info = peer_picasso.camera_info({"baseline": 100, "e_per_adu": 20, "em_gain": 200,
+                                     "qe": 0.9}, 100.0)
+    assert info == {"Baseline": 100.0, "Sensitivity": 20.0, "Gain": 200.0, "Qe": 0.9,
+                    "Pixelsize": 100.0}
+
+
+@pytest.mark.skipif(not os.path.exists(PEER_PYTHON),
+                    reason=f"no peers venv with picassosr at {PEER_PYTHON}")
+def test_picasso_reads_our_locs_file_and_peer_output_parses(tmp_path):
+    from napari_var_emitter.io.emitters import write_picasso_hdf5
+    from napari_var_emitter.table import make_table
+
+    table = make_table([0, 2, 2], [3.0, 7.5, 12.25], [4.0, 8.5, 0.0],
+                       photons=[1000.0, 2000.0, 3000.0], sigma=[1.1, 1.2, 1.3],
+                       background=[10.0, 11.0, 12.0], unc_x=[0.1, 0.2, 0.3],
+                       unc_y=[0.15, 0.25, 0.35])
+    hdf5, _ = write_picasso_hdf5(tmp_path / "hand.hdf5", table, 100.0, 16, 16, 3)
+    out = tmp_path / "converted.npz"
+    proc = subprocess.run([PEER_PYTHON, str(BENCH / "peer_picasso.py"), "--convert-locs",
+                           str(hdf5), "--out", str(out)], capture_output=True, text=True,
+                          timeout=120)
+    if proc.returncode != 0 and "No module named 'picasso'" in proc.stderr:
+        pytest.skip("picassosr is not installed in the peers venv")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    parsed, _, meta = run_benchmarks.load_peer_locs(str(out))
+    assert meta["picasso_version"] != "unknown"
+    np.testing.assert_array_equal(parsed["frame"], table["frame"])
+    np.testing.assert_allclose(parsed["x"], table["x"], rtol=1e-6)
+    np.testing.assert_allclose(parsed["y"], table["y"], rtol=1e-6)
+    np.testing.assert_allclose(parsed["photons"], table["photons"], rtol=1e-6)
+    np.testing.assert_allclose(parsed["sigma"], table["sigma"], rtol=1e-6)
+    np.testing.assert_allclose(parsed["unc_x"], table["unc_x"], rtol=1e-6)
+    np.testing.assert_allclose(parsed["unc_y"], table["unc_y"], rtol=1e-6)

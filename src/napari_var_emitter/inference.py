@@ -29,6 +29,8 @@ from .table import LOC_DTYPE, concat_tables, empty_table
 
 #: smallest frame side the model accepts (smaller frames carry too little context)
 MIN_FRAME_SIDE = 8
+#: tiles per forward pass when every scale's maps are computed (bounds peak memory)
+MAX_TILES_WITH_MAPS = 16
 #: tiles also report emitters up to this far (input px) beyond their core, so that an
 #: emitter whose position two neighbouring tiles estimate on opposite sides of the core
 #: border is still seen by both; :func:`merge_tile_detections` keeps one of them
@@ -256,7 +258,10 @@ class Predictor:
         xs, xbounds = tile_grid(w, tw, margin)
         ctx = self.config.model.context_frames
         half = ctx // 2
-        frames_per_batch = max(1, batch_size // (len(ys) * len(xs)))
+        # with maps, the x8 activations of a tile are ~64x its input: fewer tiles per
+        # forward pass keep peak memory bounded (localisation-only runs keep full batches)
+        tiles_per_pass = min(batch_size, MAX_TILES_WITH_MAPS) if maps else batch_size
+        frames_per_batch = max(1, tiles_per_pass // (len(ys) * len(xs)))
         writer = None
         mem_maps = None
         if maps and maps_h5 is not None:

@@ -239,6 +239,8 @@ TORCHRUN_SCRIPT = textwrap.dedent('''
     from napari_var_emitter import cli, training
 
     torch.set_num_threads(1)
+    # the group is this script's (it compares ranks after training), not the Trainer's
+    dist.init_process_group("gloo")
     captured = {}
     digests = []
     original_init = training.Trainer.__init__
@@ -270,6 +272,7 @@ TORCHRUN_SCRIPT = textwrap.dedent('''
                    "n_forward": len(digests),
                    "buffers_in_sync": all(d == digests for d in all_digests),
                    "distributed": trainer.distributed}, fh)
+    dist.barrier()
     dist.destroy_process_group()
 ''')
 

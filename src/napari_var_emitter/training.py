@@ -84,7 +84,9 @@ class Trainer:
         self.output_dir = os.fspath(output_dir)
         self.world_size, self.rank, local_rank = _dist_info()
         self.distributed = self.world_size > 1
+        self._owns_process_group = False
         if self.distributed and not torch.distributed.is_initialized():
+            self._owns_process_group = True
             backend = "nccl" if torch.cuda.is_available() and str(device) != "cpu" else "gloo"
             torch.distributed.init_process_group(backend=backend)
         if self.distributed and torch.cuda.is_available() and str(device) in ("auto", "cuda"):
@@ -211,6 +213,11 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self._owns_process_group and torch.distributed.is_initialized():
+            # leaving with the group alive can abort the process at exit (gloo threads)
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+            self._owns_process_group = False
 
     # -- internals --------------------------------------------------------------------
     def _cancel_requested(self) -> bool:

@@ -21,6 +21,18 @@ PLUGIN_NAME = "napari-var-emitter"
 _display_problem_cache: list = []
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Single-threaded torch in every test: OpenMP barriers are up to ~100x slower when the
+    two cores of a CI machine are shared with the subprocesses tests start."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _probe_display() -> str | None:
     """None when a Qt application can start here, else the reason it cannot."""
     platform = os.environ.get("QT_QPA_PLATFORM", "")

@@ -48,15 +48,6 @@ SMALL_CONFIG = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The same for the in-process runs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run_cli(*args, timeout=300, env=None):
     """``python -m napari_var_emitter ARGS`` as a user runs it."""
     return subprocess.run([sys.executable, "-m", "napari_var_emitter", *map(str, args)],

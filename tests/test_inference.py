@@ -24,15 +24,6 @@ from napari_var_emitter.inference import (MAP_NAMES, PredictionResult, Predictor
 from napari_var_emitter.table import make_table
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Single-threaded torch (OpenMP barriers are ~100x slower on a shared 2-core CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- a network whose detections we dictate --------------------------------------------------
 
 CODE_FRAME, CODE_ROW = 1_000_000, 1_000  # pixel value = frame*1e6 + row*1e3 + col

@@ -13,15 +13,6 @@ from napari_var_emitter.losses import (CountLoss, LocalizationLoss, Reconstructi
                                        containing_pixel, pixel_centre)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Single-threaded torch (shared CPU: OpenMP barriers stall when a core is busy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_maps(b=1, h=10, w=10, factor=2, logit=-12.0, sigma=0.1, photons=1000.0,
               background=10.0, requires_grad=False):
     """Maps of one scale: (b, f*h, f*w) tensors with constant values (quiet everywhere)."""

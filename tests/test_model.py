@@ -15,16 +15,6 @@ from napari_var_emitter.model import (MultiScaleVQVAE, ProgressiveEmitterTransfo
 from napari_var_emitter.model.net import robust_normalisation
 from napari_var_emitter.model.transformer import SIGMA_MAX, SIGMA_MIN
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Run single-threaded: on a CPU shared with other jobs, OpenMP's barrier waits make
-    multi-threaded small ops 100x slower whenever a core is taken (measured here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 MAP_KEYS = {"logit", "prob", "offset_x", "offset_y", "photons", "sigma_x", "sigma_y",
             "background"}
 

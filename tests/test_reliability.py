@@ -38,15 +38,6 @@ from napari_var_emitter.table import make_table
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Single-threaded torch (OpenMP barriers are ~100x slower on a shared 2-core CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = {
     "model": {"input_size": [16, 16], "target_sizes": [[32, 32], [64, 64], [128, 128]],
               "base_channels": 8, "embed_dim": 16, "num_heads": 2, "num_layers": 1,

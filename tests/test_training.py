@@ -21,16 +21,6 @@ from napari_var_emitter.dataset import TrainingData
 from napari_var_emitter.training import MAX_BAD_STEPS, Trainer, TrainingError, scale_ramp
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Single-threaded torch: on a CPU shared with other jobs OpenMP's barrier waits make
-    small multi-threaded ops up to 100x slower (measured on the 2-core test machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_config(**training) -> Config:
     """16x16 tiles, factors 2/4/8, a few thousand parameters; ``training`` overrides."""
     tr = {"num_epochs": 2, "batch_size": 4, "steps_per_epoch": 3, "val_samples": 8,

@@ -49,6 +49,8 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from napari_var_emitter.camera import Camera
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PEER_PYTHON = "/work/venv-peers/bin/python"
 EXTERNAL_DIR_CANDIDATES = (
@@ -62,30 +64,17 @@ TOLERANCE_NM = 250.0
 PICASSO_NG_GRID_PHOTONS = tuple(float(v) for v in np.geomspace(3.0, 10000.0, 45))
 
 
-@dataclass(frozen=True)
-class CameraSpec:
-    """Camera parameters (the contract's camera model)."""
-
-    baseline: float = 0.0
-    e_per_adu: float = 1.0
-    em_gain: float = 1.0
-    qe: float = 1.0
-    read_noise: float = 0.0
-
-    def make(self):
-        """The package's :class:`~napari_var_emitter.camera.Camera`."""
-        from napari_var_emitter.camera import Camera
-
-        return Camera(**asdict(self))
-
-    def describe(self) -> str:
-        """Short human-readable summary for the report."""
-        kind = f"EMCCD g={self.em_gain:g}" if self.em_gain > 1 else "sCMOS"
-        return (f"{kind}, {self.e_per_adu:g} e-/ADU, baseline {self.baseline:g}, "
-                f"QE {self.qe:g}, read {self.read_noise:g} e-")
+#: the package's camera model (frozen dataclass), used for simulation and inference alike
+CameraSpec = Camera
 
 
-#: a modern sCMOS camera (the default of every simulated scenario but the EMCCD one)
+def describe_camera(cam: Camera) -> str:
+    """Short human-readable summary of a camera for the report."""
+    kind = f"EMCCD g={cam.em_gain:g}" if cam.em_gain > 1 else "sCMOS"
+    return (f"{kind}, {cam.e_per_adu:g} e-/ADU, baseline {cam.baseline:g}, "
+            f"QE {cam.qe:g}, read {cam.read_noise:g} e-")
+
+
 SCMOS = CameraSpec(baseline=100.0, e_per_adu=0.5, em_gain=1.0, qe=0.9, read_noise=1.5)
 EMCCD = CameraSpec(baseline=100.0, e_per_adu=20.0, em_gain=200.0, qe=0.9, read_noise=50.0)
 
@@ -196,7 +185,7 @@ def prepare(scen: Scenario, workdir: str, quick: bool, cache: dict) -> Prepared 
     n = min(src.quick_frames, src.n_frames) if quick else src.n_frames
     movie = simulate_movie(n, src.shape, rng=src.seed, density_per_um2=src.density,
                            photons=src.photons, background=src.background,
-                           sigma_px=src.sigma_px, camera=src.camera.make(), scene=src.scene,
+                           sigma_px=src.sigma_px, camera=src.camera, scene=src.scene,
                            highres_factor=None)
     path = os.path.join(workdir, f"{key}.npy")
     np.save(path, movie.adu)
@@ -512,7 +501,7 @@ def run_speed(n_frames: int, workdir: str, checkpoint: str | None, log) -> dict:
 
     cam = SCMOS
     movie = simulate_movie(n_frames, (40, 40), rng=2000, density_per_um2=1.0,
-                           camera=cam.make(), highres_factor=None)
+                           camera=cam, highres_factor=None)
     res = {"n_frames": n_frames, "runs": []}
     for n in (20, n_frames):
         tif = os.path.join(workdir, f"speed_{n}.tif")
@@ -685,9 +674,9 @@ def build_report(results: list, speed: dict | None, meta: dict) -> str:
     rows = []
     for r in results:
         s = r["scenario"]
-        cam = s.camera.describe()
+        cam = describe_camera(s.camera)
         if s.infer_camera is not None:
-            cam += f"; **stated at inference: {s.infer_camera.describe()}**"
+            cam += f"; **stated at inference: {describe_camera(s.infer_camera)}**"
         if s.external:
             rows.append([s.name, s.title, r.get("n_frames", "-"),
                          "x".join(map(str, r.get("shape", ("-",))[1:])),
@@ -940,7 +929,7 @@ def evaluate(prep: Prepared, locs) -> dict:
     from napari_var_emitter.metrics import evaluate_tables
 
     return evaluate_tables(prep.truth, locs, TOLERANCE_NM, prep.pixel_size_nm,
-                           n_frames=prep.shape[0], camera=prep.scenario.camera.make(),
+                           n_frames=prep.shape[0], camera=prep.scenario.camera,
                            image_shape=prep.shape[1:])
 
 

@@ -618,3 +618,19 @@ def test_trainer_api_errors_are_ours(tmp_path):
                 resume=tmp_path / "missing.pth")
     with pytest.raises(VarEmitterError):
         Trainer(cfg, TrainingData.simulated(cfg), tmp_path / "o", device="cuda:7")
+
+
+def test_random_bytes_of_every_kind_are_refused_cleanly(tmp_path):
+    """torch.load fails on arbitrary bytes in many ways (IndexError deep in the weights-only
+    unpickler among them): every one must come out as a CheckpointError."""
+    from napari_var_emitter.checkpoint import load_checkpoint
+
+    rng = np.random.default_rng(2026)
+    path = tmp_path / "noise.pth"
+    for i in range(300):
+        data = rng.bytes(int(rng.integers(1, 2048)))
+        if i % 3 == 0:
+            data = b"\x80\x02" + data  # starts like a pickle stream
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError):
+            load_checkpoint(path)

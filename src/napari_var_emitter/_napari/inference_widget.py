@@ -28,8 +28,8 @@ from ..camera import Camera
 from ..errors import ConfigError, OutputError, VarEmitterError
 from ..io.atomic import atomic_path
 from ._workers import PredictorCache, finetuned_models, prediction_job
-from .layers import (DEFAULT_PIXEL_SIZE_NM, InputGeometry, camera_from_metadata, is_result_of,
-                     pixel_size_from_layer, result_layer_data)
+from .camera_form import CameraForm
+from .layers import InputGeometry, is_result_of, pixel_size_from_layer, result_layer_data
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +112,9 @@ class InferenceWidget(QWidget):
         self.finetuned_label = Label(label="Fine-tuned", value=self._finetuned_text(),
                                      visible=False)
         self.device = ComboBox(label="Device", choices=available_devices(), value="auto")
-        self.pixel_size = FloatSpinBox(label="Pixel size (nm)", min=1.0, max=1e5, step=1.0,
-                                       value=DEFAULT_PIXEL_SIZE_NM)
-        self.baseline = FloatSpinBox(label="Baseline (ADU)", min=0.0, max=1e6, step=1.0,
-                                     value=0.0)
-        self.e_per_adu = FloatSpinBox(label="e-/ADU", min=0.001, max=1e4, step=0.1, value=1.0)
-        self.em_gain = FloatSpinBox(label="EM gain", min=1.0, max=1e4, step=1.0, value=1.0)
-        self.qe = FloatSpinBox(label="QE", min=0.01, max=1.0, step=0.01, value=1.0)
+        self.camera_form = CameraForm()
+        self.pixel_size, self.baseline, self.e_per_adu, self.em_gain, self.qe = \
+            self.camera_form.widgets
         self.threshold = FloatSpinBox(label="Threshold", min=0.01, max=1.0, step=0.05,
                                       value=0.5)
         self.batch_size = SpinBox(label="Batch size", min=1, max=4096, value=32)
@@ -180,11 +176,7 @@ class InferenceWidget(QWidget):
         px = pixel_size_from_layer(layer)
         if px is not None:
             self.pixel_size.value = px
-        cam = camera_from_metadata(layer.metadata)
-        for key, widget in (("baseline", self.baseline), ("e_per_adu", self.e_per_adu),
-                            ("em_gain", self.em_gain), ("qe", self.qe)):
-            if key in cam:
-                widget.value = cam[key]
+        self.camera_form.fill_camera(layer.metadata)
 
     def _on_model_source(self, value):
         self.checkpoint.visible = value == MODEL_CHECKPOINT
@@ -226,8 +218,7 @@ class InferenceWidget(QWidget):
 
     def camera(self) -> Camera:
         """The camera described by the form (raises ConfigError on bad values)."""
-        return Camera(baseline=float(self.baseline.value), e_per_adu=float(self.e_per_adu.value),
-                      em_gain=float(self.em_gain.value), qe=float(self.qe.value))
+        return self.camera_form.camera()
 
     # -- running ------------------------------------------------------------------------
     @property

@@ -26,9 +26,9 @@ from ..camera import Camera
 from ..errors import ConfigError, VarEmitterError
 from ._workers import (TrainingControl, TrainingHistory, build_training_config,
                        finetuned_models, simulation_for_camera, training_job)
+from .camera_form import CameraForm
 from .inference_widget import _scrolling
-from .layers import (DEFAULT_PIXEL_SIZE_NM, camera_from_metadata, highres_factor_of,
-                     input_grid_of_highres, is_result_of, pixel_size_from_layer,
+from .layers import (highres_factor_of, input_grid_of_highres, is_result_of, pixel_size_from_layer,
                      points_in_grid, table_from_points)
 
 log = logging.getLogger(__name__)
@@ -90,14 +90,9 @@ class TrainingWidget(QWidget):
         self.density_row, self.density_lo, self.density_hi = _range_row(
             "Density (/um^2)", 0.1, 3.0, 0.0, 50.0, 0.1)
         # camera (simulation, and ADU -> photons of layers and camera TIFFs)
-        self.pixel_size = FloatSpinBox(label="Pixel size (nm)", min=1.0, max=1e5, step=1.0,
-                                       value=DEFAULT_PIXEL_SIZE_NM)
-        self.baseline = FloatSpinBox(label="Baseline (ADU)", min=0.0, max=1e6, value=0.0)
-        self.e_per_adu = FloatSpinBox(label="e-/ADU", min=0.001, max=1e4, step=0.1, value=1.0)
-        self.em_gain = FloatSpinBox(label="EM gain", min=1.0, max=1e4, value=1.0)
-        self.qe = FloatSpinBox(label="QE", min=0.01, max=1.0, step=0.01, value=1.0)
-        self.read_noise = FloatSpinBox(label="Read noise (e-)", min=0.0, max=1e3, step=0.1,
-                                       value=1.0)
+        self.camera_form = CameraForm(read_noise=True)
+        (self.pixel_size, self.baseline, self.e_per_adu, self.em_gain, self.qe,
+         self.read_noise) = self.camera_form.widgets
         # optimisation
         self.init = ComboBox(label="Start from", choices=[INIT_BUNDLED, INIT_SCRATCH],
                              value=INIT_BUNDLED)
@@ -195,12 +190,7 @@ class TrainingWidget(QWidget):
             px = px * highres_factor_of(layer)
         if px:
             self.pixel_size.value = float(px)
-        cam = camera_from_metadata(meta)
-        for key, widget in (("baseline", self.baseline), ("e_per_adu", self.e_per_adu),
-                            ("em_gain", self.em_gain), ("qe", self.qe),
-                            ("read_noise", self.read_noise)):
-            if key in cam:
-                widget.value = cam[key]
+        self.camera_form.fill_camera(meta)
 
     def _update_resume(self, _=None):
         out = _path_or_none(self.output_dir.value)
@@ -210,9 +200,7 @@ class TrainingWidget(QWidget):
 
     def camera(self) -> Camera:
         """The camera described by the form (raises ConfigError on bad values)."""
-        return Camera(baseline=float(self.baseline.value), e_per_adu=float(self.e_per_adu.value),
-                      em_gain=float(self.em_gain.value), qe=float(self.qe.value),
-                      read_noise=float(self.read_noise.value))
+        return self.camera_form.camera()
 
     # -- the plan of a run (GUI thread): everything read from the form and layers --------
     def _plan(self, resume: bool) -> dict:

@@ -19,7 +19,7 @@ from torch import nn
 from napari_var_emitter.camera import Camera
 from napari_var_emitter.config import Config
 from napari_var_emitter.errors import Cancelled, InputFileError
-from napari_var_emitter.inference import (MAP_NAMES, PredictionResult, Predictor,
+from napari_var_emitter.inference import (MAP_DEFINED_PROBABILITY, MAP_NAMES, PredictionResult, Predictor,
                                           merge_tile_detections, tile_grid)
 from napari_var_emitter.table import make_table
 
@@ -187,10 +187,14 @@ def test_maps_at_every_scale_stitched_to_the_frame(untrained_checkpoint):
         for name in MAP_NAMES:
             arr = np.asarray(res.maps[f][name])
             assert arr.shape == (3, f * 96, f * 130), (f, name)
-            assert np.isfinite(arr).all()
         p = np.asarray(res.maps[f]["probability"])
-        assert p.min() >= 0 and p.max() <= 1
-        assert np.asarray(res.maps[f]["uncertainty_x"]).min() > 0
+        assert np.isfinite(p).all() and p.min() >= 0 and p.max() <= 1
+        # the per-emitter maps are defined (finite) exactly where an emitter may be
+        defined = p >= MAP_DEFINED_PROBABILITY
+        for name in MAP_NAMES[1:]:
+            arr = np.asarray(res.maps[f][name])
+            assert np.isfinite(arr[defined]).all() and np.isnan(arr[~defined]).all(), name
+        assert (np.asarray(res.maps[f]["uncertainty_x"])[defined] > 0).all()
     # the fast path gives the same localisations without computing any map
     fast = pred.predict(stack, maps=False)
     assert fast.maps == {} and fast.factors == [pred.loc_factor]
@@ -205,6 +209,13 @@ def test_maps_stream_into_predictions_h5_and_read_back_lazily(untrained_checkpoi
     ds = res.maps[8]["probability"]
     assert isinstance(ds, h5py.Dataset) and ds.shape == (5, 192, 320)
     assert ds.chunks[0] == 1 and ds.compression == "gzip"
+    # half precision where 3 digits suffice; photons (can exceed 65,504) in float32
+    assert ds.dtype == np.float16 and res.maps[2]["photons"].dtype == np.float32
+    # the file holds what the in-memory path computes (to float16 precision)
+    mem = pred.predict(stack, batch_size=6)
+    for name in ("probability", "offset_x", "photons"):
+        np.testing.assert_allclose(res.maps[2][name][:], mem.maps[2][name], rtol=2e-3,
+                                   atol=1e-4, equal_nan=True)
     with h5py.File(path, "r") as fh:
         assert fh.attrs["model_id"] == "tiny"
         assert len(fh["localizations"]) == len(res.localizations)

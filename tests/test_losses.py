@@ -240,6 +240,30 @@ def test_uncertainty_loss_penalises_overconfidence_and_only_moves_sigma():
     assert (m["sigma_x"].grad != 0).any()
 
 
+def test_uncertainty_loss_calibrates_the_decoders_windowed_estimate():
+    """Two pixels share an emitter, each off by 0.3 px in opposite directions: the decoder's
+    probability-weighted mean is exact, so a small sigma must score better than 0.3 px."""
+    factor = 2
+    unc = UncertaintyLoss()
+    xy = torch.tensor([[[4.1, 4.1]]])
+    mask = torch.ones(1, 1, dtype=torch.bool)
+
+    def maps_with_sigma(s):
+        maps = make_maps(factor=factor, sigma=s)
+        row, col = containing_pixel(xy, factor, 20, 20)
+        r, c = int(row), int(col)
+        for cc, ox in ((c, 0.3), (c + 1, -0.3)):
+            true_offset = 4.1 - pixel_centre(torch.tensor(cc), factor).item()
+            maps["logit"][0, r, cc] = 0.0  # p = 0.5 each
+            maps["offset_x"][0, r, cc] = true_offset + ox
+            maps["offset_y"][0, r, cc] = 4.1 - pixel_centre(torch.tensor(r), factor).item()
+        return finish(maps)
+
+    small = unc(maps_with_sigma(0.02), factor, xy, mask)[0].item()
+    single_pixel_error = unc(maps_with_sigma(0.3), factor, xy, mask)[0].item()
+    assert small < single_pixel_error - 2
+
+
 def test_uncertainty_floor_stops_collapse():
     unc = UncertaintyLoss(floor_px=0.01)
     xy = torch.tensor([[[3.0, 3.0]]])

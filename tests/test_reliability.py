@@ -511,9 +511,9 @@ def test_ctrl_c_during_predict_leaves_complete_outputs_or_none(tmp_path,
     inputs = tmp_path / "in"
     inputs.mkdir()
     rng = np.random.default_rng(0)
-    # with every map up to x8 streamed to predictions.h5 a 32x32 frame takes ~50 ms here:
-    # "b" runs for seconds, so the signal lands while it is being written
-    for name, n in (("a", 2), ("b", 60), ("c", 60)):
+    # with every map up to x8 streamed to predictions.h5 a 32x32 frame takes ~10-50 ms
+    # here: "b" runs for seconds, so the signal lands while it is being written
+    for name, n in (("a", 2), ("b", 400), ("c", 60)):
         _tiff(inputs / f"{name}.tif", rng.poisson(20, (n, 32, 32)).astype(np.uint16),
               photometric="minisblack")
     out = tmp_path / "out"

@@ -65,6 +65,8 @@ class PredictionResult:
     camera: Camera = field(default_factory=Camera)
 
 
+#: below this detection probability a map pixel's offset, uncertainty and photons are NaN
+MAP_DEFINED_PROBABILITY = 1e-3
 MAP_NAMES = ("probability", "offset_x", "offset_y", "uncertainty_x", "uncertainty_y", "photons")
 _MAP_KEYS = {"probability": "prob", "offset_x": "offset_x", "offset_y": "offset_y",
              "uncertainty_x": "sigma_x", "uncertainty_y": "sigma_y", "photons": "photons"}
@@ -444,6 +446,13 @@ def _stitch_maps(out, factors, n_frames, where, ys, xs, ybounds, xbounds, h, w):
             for k in MAP_NAMES:
                 frame_maps[k][ti, f * ra:f * rb, f * ca:f * cb] = \
                     arrays[k][n, f * (ra - r0):f * (rb - r0), f * (ca - c0):f * (cb - c0)]
+        # Offsets, uncertainties and photons describe "the emitter in this pixel": where the
+        # probability says there is none they mean nothing. NaN says so, and makes the maps
+        # of a long stack compress about 5x (they are noise-like wherever they are defined).
+        undefined = frame_maps["probability"] < MAP_DEFINED_PROBABILITY
+        for k in MAP_NAMES:
+            if k != "probability":
+                frame_maps[k][undefined] = np.nan
         res[f] = frame_maps
     return res
 

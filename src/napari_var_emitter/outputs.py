@@ -16,9 +16,18 @@ from .io.atomic import _remove
 from .table import LOC_DTYPE
 
 
+#: storage type per map: half precision keeps 3 significant digits (probabilities to 1e-3,
+#: offsets and uncertainties to ~1e-4 px) at half the size; photons can exceed float16's
+#: 65,504, so they stay float32.
+MAP_DTYPES = {"probability": "f2", "offset_x": "f2", "offset_y": "f2",
+              "uncertainty_x": "f2", "uncertainty_y": "f2", "photons": "f4"}
+
+
 class PredictionsH5Writer:
     """Stream maps into ``predictions.h5``: ``maps/x{f}/{name}`` datasets of shape
-    (T, f*H, f*W), chunked per frame and gzip-compressed, plus a ``localizations`` table.
+    (T, f*H, f*W), chunked per frame and gzip-compressed (:data:`MAP_DTYPES`; offsets,
+    uncertainties and photons are NaN where the probability is below
+    ``inference.MAP_DEFINED_PROBABILITY``), plus a ``localizations`` table.
 
     The file is written as ``.NAME.partial`` and renamed by :meth:`close`; :meth:`abort`
     deletes it, so a crash never leaves a half-written ``predictions.h5``.
@@ -46,7 +55,7 @@ class PredictionsH5Writer:
                 g.attrs["scale"] = 1.0 / f
                 g.attrs["translate"] = 0.5 / f - 0.5
                 self.datasets[f] = {
-                    k: g.create_dataset(k, shape=(t, f * h, f * w), dtype="f4",
+                    k: g.create_dataset(k, shape=(t, f * h, f * w), dtype=MAP_DTYPES[k],
                                         chunks=(1, min(f * h, 512), min(f * w, 512)),
                                         compression="gzip", compression_opts=1, shuffle=True)
                     for k in MAP_NAMES}

@@ -233,7 +233,9 @@ def as_lazy(array):
         import dask.array as da
 
         chunks = (1,) + tuple(array.shape[1:]) if array.ndim >= 3 else array.shape
-        return da.from_array(array, chunks=chunks, lock=True)
+        lazy = da.from_array(array, chunks=chunks, lock=True)
+        # maps are stored in half precision, which OpenGL textures do not take
+        return lazy.astype(np.float32) if array.dtype == np.float16 else lazy
     return array
 
 

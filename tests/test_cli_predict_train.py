@@ -301,3 +301,29 @@ def test_torchrun_two_cpu_processes_keep_parameters_identical(tmp_path):
         os.listdir(out))
     assert len(os.listdir(out / "tensorboard")) == 1
     torch.load(out / "last_model.pth", weights_only=True)
+
+
+def test_predict_under_torchrun_splits_inputs_between_ranks(tmp_path, untrained_checkpoint):
+    """Two processes share the inputs: each input is predicted once, completely, and the
+    result is the same as a single process's."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(3)
+    for name in ("a", "b", "c"):
+        tifffile.imwrite(inputs / f"{name}.tif", rng.poisson(20, (4, 32, 32)).astype(np.uint16),
+                         photometric="minisblack")
+    common = ["predict", "--input_dir", str(inputs), "--checkpoint", str(untrained_checkpoint),
+              "--device", "cpu", "--no-figures"]
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "napari_var_emitter", *common, "--output_dir", str(tmp_path / "ddp")],
+        capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    assert main([*common, "--output_dir", str(tmp_path / "one")]) == 0
+    for name in ("a", "b", "c"):
+        files = {"localizations.csv", "localizations.hdf5", "localizations.yaml",
+                 "predictions.h5"}
+        assert files == set(os.listdir(tmp_path / "ddp" / name)), name
+        assert ((tmp_path / "ddp" / name / "localizations.csv").read_text()
+                == (tmp_path / "one" / name / "localizations.csv").read_text())
+    assert not [p for p in (tmp_path / "ddp").rglob(".*")]  # no partial files left

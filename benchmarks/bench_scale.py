@@ -66,7 +66,7 @@ class SimulatedStack:
         if k != self._k:
             n = min(self.chunk, self.shape[0] - k * self.chunk)
             movie = simulate_movie(n, self.shape[1:], rng=self.seed + k,
-                                   density_per_um2=self.density, camera=self.camera.make(),
+                                   density_per_um2=self.density, camera=self.camera,
                                    highres_factor=None)
             self._k, self._frames = k, movie.adu
         return self._frames[i - k * self.chunk]

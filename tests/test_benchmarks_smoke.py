@@ -183,3 +183,22 @@ def test_picasso_reads_our_locs_file_and_peer_output_parses(tmp_path):
     np.testing.assert_allclose(parsed["sigma"], table["sigma"], rtol=1e-6)
     np.testing.assert_allclose(parsed["unc_x"], table["unc_x"], rtol=1e-6)
     np.testing.assert_allclose(parsed["unc_y"], table["unc_y"], rtol=1e-6)
+
+
+def test_scale_benchmark_runs_and_reports_every_size(tmp_path, untrained_checkpoint):
+    out = tmp_path / "scale.md"
+    cmd = [sys.executable, str(BENCH / "bench_scale.py"), "--checkpoint",
+           str(untrained_checkpoint), "--frames", "20,40", "--maps-frames", "10",
+           "--probe-frames", "4", "--size", "32", "32", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in out.read_text().splitlines()
+            if line.startswith("| predict")]
+    runs = [(r.split("|")[1].strip(), int(r.split("|")[2])) for r in rows]
+    assert ("predict --no-maps", 20) in runs and ("predict --no-maps", 40) in runs
+    assert ("predict with maps", 10) in runs
+    for r in rows:
+        cells = [c.strip() for c in r.strip().strip("|").split("|")]
+        assert cells[-1] == "0"  # every run exited 0
+        assert float(cells[5]) > 0  # a real peak RSS in MB

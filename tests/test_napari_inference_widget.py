@@ -75,6 +75,10 @@ def test_inference_run_makes_aligned_layers_and_replaces_them(viewer_with_plugin
     layer = _sparse_input(viewer, n_frames=12, scale=s_in, translate=t_in)
     widget.image.value = layer
     _use_checkpoint(widget, untrained_checkpoint)
+    # the model's calibrated threshold by default; unticked, the user's own
+    assert widget.model_threshold.value and not widget.threshold.enabled
+    widget.model_threshold.value = False
+    assert widget.threshold.enabled
     widget.threshold.value = 0.3
     progress = []
     worker = widget.run()

@@ -90,13 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(r, "device", default="auto")
     _opt(r, "pixel-size", type=float, default=None, help="nm (default: from the TIFF or 100)")
     _camera_opts(r)
-    _opt(r, "threshold", type=float, default=0.5, help="detection probability threshold")
+    _opt(r, "threshold", type=float, default=None,
+         help="detection probability threshold (default: the model's calibrated one, else 0.5)")
     _opt(r, "no-maps", action="store_true", help="skip predictions.h5 (fast path)")
     _opt(r, "no-figures", action="store_true", help="skip the PNG figures")
     _opt(r, "overwrite", action="store_true", help="redo inputs whose outputs are complete")
     _opt(r, "sample", choices=["sparse", "dense", "filaments"], default=None,
          help="also localise this built-in simulated sample (written with its ground truth "
               "to OUT/sample_NAME.tif and OUT/sample_NAME_truth.csv; its camera is used)")
+
+    c = sub.add_parser("calibrate", help="measure a checkpoint's detection threshold and "
+                       "uncertainty scale on simulated movies and store them in it")
+    _opt(c, "checkpoint", required=True, help="checkpoint to calibrate")
+    _opt(c, "out", default=None, help="write the calibrated copy here (default: in place)")
+    _opt(c, "frames", type=int, default=60, help="frames per calibration movie (12 movies)")
+    _opt(c, "seed", type=int, default=20261126)
+    _opt(c, "device", default="auto")
 
     e = sub.add_parser("evaluate", help="compare localisations with the ground truth")
     _opt(e, "truth", required=True, help="ground truth: ThunderSTORM CSV or emitter H5")
@@ -117,7 +126,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"simulate": cmd_simulate, "train": cmd_train, "predict": cmd_predict,
-                "evaluate": cmd_evaluate}[args.command](args)
+                "calibrate": cmd_calibrate, "evaluate": cmd_evaluate}[args.command](args)
     except VarEmitterError as e:
         if isinstance(e, Cancelled):
             sys.stderr.write(f"error: {e}\n")
@@ -286,7 +295,7 @@ def _cmd_predict(a) -> int:
         raise ConfigError("no input: give TIFF files or --input_dir")
     if a.batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {a.batch_size}")
-    if not 0 < a.threshold <= 1:
+    if a.threshold is not None and not 0 < a.threshold <= 1:
         raise ConfigError(f"--threshold must be in (0, 1], got {a.threshold}")
     stems = [os.path.splitext(os.path.basename(p))[0] for p in inputs]
     if len(set(stems)) != len(stems):
@@ -381,6 +390,8 @@ def _predict_one(a, predictor, camera, path, stem, interrupts) -> None:
         with open_stack(path) as stack:
             px = a.pixel_size or stack.pixel_size_nm or 100.0
             attrs = {"model_id": predictor.model_id, "config": predictor.config.to_dict(),
+                     "threshold": a.threshold or predictor.default_threshold,
+                     "calibration": predictor.calibration,
                      "camera": camera.to_dict(), "pixel_size_nm": float(px),
                      "input": os.path.abspath(path)}
             gen = predictor.predict_iter(
@@ -519,6 +530,26 @@ def _check_writable(folder):
 
 
 # -- evaluate ------------------------------------------------------------------------------
+def cmd_calibrate(a) -> int:
+    """Calibrate the threshold and uncertainty scale of a checkpoint (see calibration.py)."""
+    from .calibration import apply_calibration, calibrate
+    from .errors import ConfigError
+    from .inference import Predictor
+
+    if a.frames < 1:
+        raise ConfigError(f"--frames must be >= 1, got {a.frames}")
+    predictor = Predictor.from_checkpoint(a.checkpoint, device=a.device)
+    if a.out:
+        _check_writable(os.path.dirname(os.path.abspath(a.out)))
+    cal = calibrate(predictor, n_frames=a.frames, seed=a.seed,
+                    log=lambda m: sys.stderr.write(m + "\n"))
+    apply_calibration(a.checkpoint, cal, a.out)
+    print(json.dumps({"checkpoint": a.out or a.checkpoint, "threshold": cal.threshold,
+                      "sigma_scale": list(cal.sigma_scale), "mean_jaccard": cal.mean_jaccard,
+                      "mean_jaccard_at_0_5": cal.mean_jaccard_at_0_5}))
+    return 0
+
+
 def cmd_evaluate(a) -> int:
     import numpy as np
 

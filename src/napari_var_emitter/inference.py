@@ -65,6 +65,8 @@ class PredictionResult:
     camera: Camera = field(default_factory=Camera)
 
 
+#: detection threshold of a model without a calibrated one
+DEFAULT_THRESHOLD = 0.5
 #: below this detection probability a map pixel's offset, uncertainty and photons are NaN
 MAP_DEFINED_PROBABILITY = 1e-3
 MAP_NAMES = ("probability", "offset_x", "offset_y", "uncertainty_x", "uncertainty_y", "photons")
@@ -188,11 +190,20 @@ class Predictor:
     """A trained model ready for inference (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, config: Config, device="auto",
-                 model_id: str = "custom"):
+                 model_id: str = "custom", calibration: dict | None = None):
+        from .calibration import calibration_from_checkpoint
+
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.config = config
         self.model_id = model_id
+        #: ``{"threshold": float | None, "sigma_scale": (sx, sy)}`` (see :mod:`.calibration`)
+        self.calibration = calibration_from_checkpoint({"calibration": calibration})
+
+    @property
+    def default_threshold(self) -> float:
+        """The calibrated detection threshold of this model, else 0.5."""
+        return self.calibration["threshold"] or DEFAULT_THRESHOLD
 
     @classmethod
     def from_checkpoint(cls, path, device="auto") -> "Predictor":
@@ -200,7 +211,8 @@ class Predictor:
         ckpt = load_checkpoint(path)
         model = build_model_from_checkpoint(ckpt, path)
         return cls(model, ckpt["config_obj"], device=device,
-                   model_id=ckpt.get("model_id", os.path.basename(os.fspath(path))))
+                   model_id=ckpt.get("model_id", os.path.basename(os.fspath(path))),
+                   calibration=ckpt.get("calibration"))
 
     @classmethod
     def from_pretrained(cls, device="auto") -> "Predictor":
@@ -223,9 +235,14 @@ class Predictor:
         return run_to_end(self.predict_iter(stack, **kwargs))
 
     def predict_iter(self, stack, camera: Camera | None = None, pixel_size_nm: float = 100.0,
-                     threshold: float = 0.5, batch_size: int = 32, maps: bool = True,
-                     maps_h5=None, name: str = "input", cancel=None, h5_attrs=None):
+                     threshold: float | None = None, batch_size: int = 32, maps: bool = True,
+                     maps_h5=None, name: str = "input", cancel=None, h5_attrs=None,
+                     calibrated: bool = True):
         """Localise every frame of ``stack`` (T, H, W) or (H, W) in ADU.
+
+        ``threshold``: detection probability (None: :attr:`default_threshold`, the model's
+        calibrated one). ``calibrated=False`` ignores the stored calibration (threshold 0.5
+        when none is given, uncertainties as the network predicts them).
 
         Yields a :class:`ProgressEvent` after each batch and returns a
         :class:`PredictionResult`. ``maps=True`` computes every scale; with ``maps_h5`` the
@@ -236,6 +253,9 @@ class Predictor:
         from .outputs import PredictionsH5Writer
 
         camera = camera or Camera()
+        if threshold is None:
+            threshold = self.default_threshold if calibrated else DEFAULT_THRESHOLD
+        sigma_scale = self.calibration["sigma_scale"] if calibrated else (1.0, 1.0)
         if not 0 < threshold <= 1:
             from .errors import ConfigError
             raise ConfigError(f"threshold must be in (0, 1], got {threshold}")
@@ -287,6 +307,10 @@ class Predictor:
                 with torch.inference_mode(), autocast:
                     x = torch.from_numpy(tiles).to(self.device)
                     out = self.model(x, factors=factors, with_recon=False)["maps"]
+                    if sigma_scale != (1.0, 1.0):
+                        for m in out.values():
+                            m["sigma_x"] = m["sigma_x"] * sigma_scale[0]
+                            m["sigma_y"] = m["sigma_y"] * sigma_scale[1]
                 tile_tables = decode_maps(out[self.loc_factor], self.loc_factor, threshold)
                 band = min(BORDER_BAND_PX, float(margin))
                 per_frame: dict[int, list] = {}

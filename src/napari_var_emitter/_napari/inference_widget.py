@@ -39,6 +39,8 @@ MODEL_FINETUNED = "last fine-tuned model"
 
 #: above this estimated size (GiB) of the temporary maps file the user is warned
 MAPS_WARN_GIB = 4.0
+#: disk per input pixel of the streamed maps (x2, x4, x8; float16, gzip), with some margin
+MAP_BYTES_PER_INPUT_PIXEL = 250
 
 
 class _Run:
@@ -115,8 +117,9 @@ class InferenceWidget(QWidget):
         self.camera_form = CameraForm()
         self.pixel_size, self.baseline, self.e_per_adu, self.em_gain, self.qe = \
             self.camera_form.widgets
+        self.model_threshold = CheckBox(text="model's calibrated threshold", value=True)
         self.threshold = FloatSpinBox(label="Threshold", min=0.01, max=1.0, step=0.05,
-                                      value=0.5)
+                                      value=0.5, enabled=False)
         self.batch_size = SpinBox(label="Batch size", min=1, max=4096, value=32)
         self.show_maps = CheckBox(text="probability maps", value=True)
         self.show_peaks = CheckBox(text="peaks (Points)", value=True)
@@ -136,7 +139,7 @@ class InferenceWidget(QWidget):
         self.form = Container(widgets=[
             self.image, self.model_source, self.checkpoint, self.finetuned_label, self.device,
             self.pixel_size, self.baseline, self.e_per_adu, self.em_gain, self.qe,
-            self.threshold, self.batch_size, self.show_maps, self.show_peaks,
+            self.model_threshold, self.threshold, self.batch_size, self.show_maps, self.show_peaks,
             self.show_uncertainty, self.show_super_resolution, self.render_px,
             Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
                       labels=False),
@@ -148,6 +151,8 @@ class InferenceWidget(QWidget):
 
         self.image.changed.connect(self._prefill_from_layer)
         self.model_source.changed.connect(self._on_model_source)
+        self.model_threshold.changed.connect(
+            lambda on: setattr(self.threshold, "enabled", not on))
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.export_csv_button.changed.connect(lambda: self._ask_and_export("csv"))
@@ -249,8 +254,9 @@ class InferenceWidget(QWidget):
         want_maps = outputs["maps"] or outputs["uncertainty"]
         if want_maps:
             h, w = geometry.frame_shape
-            # 6 float32 maps at x2, x4 and x8: (4 + 16 + 64) * 6 * 4 bytes per input pixel
-            gib = geometry.n_frames * h * w * 84 * 6 * 4 / 2**30
+            # compressed maps at x2, x4 and x8 take ~120 bytes per input pixel (measured at
+            # 1 emitter/um^2; NaN where no emitter compresses away), allow for denser data
+            gib = geometry.n_frames * h * w * MAP_BYTES_PER_INPUT_PIXEL / 2**30
             if gib > MAPS_WARN_GIB:
                 show_warning(f"the maps of {layer.name} need about {gib:.0f} GiB in the "
                              f"temporary folder {self._tmp_root}; untick 'probability maps' "
@@ -258,7 +264,8 @@ class InferenceWidget(QWidget):
         run_dir = tempfile.mkdtemp(prefix="run-", dir=self._tmp_root)
         maps_h5 = os.path.join(run_dir, "predictions.h5") if want_maps else None
         predict_kwargs = dict(camera=camera, pixel_size_nm=geometry.pixel_size_nm,
-                              threshold=float(self.threshold.value),
+                              threshold=(None if self.model_threshold.value
+                                         else float(self.threshold.value)),
                               batch_size=int(self.batch_size.value), maps=want_maps,
                               maps_h5=maps_h5, name=layer.name)
         render = None

@@ -1,0 +1,184 @@
+"""Post-hoc calibration of a trained model: its detection threshold and uncertainty scale.
+
+Training leaves two numbers that held-out data decide better than the loss does:
+
+- **the detection threshold**: the decoder reports a detection when the probability
+  integrated over one input pixel's radius reaches it. 0.5 is the natural choice for a
+  perfectly calibrated probability; a model that spreads a little probability onto noise
+  does better a bit higher, one that is under-confident a bit lower.
+- **the uncertainty scale**: the predicted sigmas are trained to be calibrated, but the
+  decoder's estimate (a probability-weighted mean over several map pixels) is not exactly
+  the one the loss sees. One factor per axis, ``std((estimate - truth) / sigma)`` over the
+  matched detections, corrects that (the analogue of temperature scaling for a regressor).
+
+:func:`calibrate` measures both on freshly simulated movies spread over the operating range
+(their seeds are not the benchmark's), :func:`apply_calibration` stores them in a
+checkpoint. :class:`~.inference.Predictor` uses the stored threshold when none is given and
+multiplies its uncertainties by the stored scale. Nothing here changes a weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .camera import Camera
+from .metrics import match_tables
+
+#: thresholds tried (the decoder's integrated probability is capped at 1)
+THRESHOLD_GRID = tuple(np.round(np.arange(0.30, 0.951, 0.025), 3))
+
+#: cameras of the calibration movies: an sCMOS and an EMCCD as users record them
+CALIBRATION_CAMERAS = (
+    Camera(baseline=100.0, e_per_adu=0.5, qe=0.9, read_noise=1.5),
+    Camera(baseline=100.0, e_per_adu=20.0, em_gain=200.0, qe=0.9, read_noise=50.0),
+)
+
+
+@dataclass(frozen=True)
+class CalibrationScene:
+    """One calibration movie's conditions (photons, background: per emitter / per pixel)."""
+
+    density: float
+    photons: tuple = (300.0, 8000.0)
+    background: tuple = (10.0, 100.0)
+    sigma_px: tuple = (0.9, 1.8)
+    scene: str = "uniform"
+    camera: int = 0  # index into CALIBRATION_CAMERAS
+
+
+def default_scenes() -> list[CalibrationScene]:
+    """Scenes spanning the operating range: sparse to dense, dim, wide/narrow PSF, EMCCD,
+    filaments. Each gets the same weight in the threshold choice."""
+    return [
+        CalibrationScene(0.1), CalibrationScene(0.5), CalibrationScene(1.0),
+        CalibrationScene(2.0), CalibrationScene(3.5), CalibrationScene(5.0),
+        CalibrationScene(1.0, photons=(200.0, 800.0), background=(40.0, 150.0)),
+        CalibrationScene(1.0, sigma_px=(1.6, 2.0)),
+        CalibrationScene(1.0, sigma_px=(0.8, 1.0)),
+        CalibrationScene(1.0, camera=1),
+        CalibrationScene(0.2, camera=1),
+        CalibrationScene(1.5, scene="filaments"),
+    ]
+
+
+@dataclass
+class Calibration:
+    """What :func:`calibrate` measured; ``to_checkpoint()`` is what a checkpoint stores."""
+
+    threshold: float
+    sigma_scale: tuple
+    mean_jaccard: float
+    mean_jaccard_at_0_5: float
+    per_scene: list = field(default_factory=list)
+    n_frames: int = 0
+    seed: int = 0
+
+    def to_checkpoint(self) -> dict:
+        """Plain data (``torch.load(weights_only=True)`` reads it back)."""
+        d = asdict(self)
+        d["sigma_scale"] = [float(v) for v in self.sigma_scale]
+        return d
+
+
+def calibrate(predictor, n_frames: int = 60, shape=(40, 40), seed: int = 20261126,
+              scenes: list[CalibrationScene] | None = None, tolerance_nm: float = 250.0,
+              log=None) -> Calibration:
+    """Choose the detection threshold (best mean Jaccard over ``scenes``) and the per-axis
+    uncertainty scale of ``predictor`` on freshly simulated movies.
+
+    The predictor runs once per movie at the lowest threshold of :data:`THRESHOLD_GRID`:
+    the decoder's candidates do not depend on the threshold, so the detections at any higher
+    threshold are exactly those whose probability reaches it. Its own stored calibration is
+    ignored (the raw model is measured).
+    """
+    from .simulation import simulate_movie
+
+    scenes = default_scenes() if scenes is None else list(scenes)
+    rng = np.random.default_rng(seed)
+    runs = []
+    for i, sc in enumerate(scenes):
+        cam = CALIBRATION_CAMERAS[sc.camera]
+        movie = simulate_movie(n_frames, shape, rng=rng, density_per_um2=sc.density,
+                               photons=sc.photons, background=sc.background,
+                               sigma_px=sc.sigma_px, camera=cam, scene=sc.scene,
+                               highres_factor=None)
+        res = predictor.predict(movie.adu, camera=cam, threshold=float(THRESHOLD_GRID[0]),
+                                maps=False, calibrated=False)
+        runs.append((sc, movie.table_in_view(), res.localizations))
+        if log is not None:
+            log(f"calibration scene {i + 1}/{len(scenes)}: {sc}")
+    cal = calibration_from_runs([(truth, locs) for _, truth, locs in runs], tolerance_nm)
+    cal.per_scene = [{"scene": asdict(sc), **row} for (sc, _, _), row in zip(runs, cal.per_scene)]
+    cal.n_frames, cal.seed = int(n_frames), int(seed)
+    return cal
+
+
+def calibration_from_runs(runs, tolerance_nm: float = 250.0,
+                          pixel_size_nm: float = 100.0) -> Calibration:
+    """The calibration from ``runs``, a list of ``(truth, localisations)`` tables (input px)
+    whose localisations were decoded at a threshold no higher than ``THRESHOLD_GRID[0]``:
+    the threshold with the best mean Jaccard, then the per-axis std of
+    ``(estimate - truth) / uncertainty`` over the detections matched at that threshold."""
+    px = float(pixel_size_nm)
+
+    def jaccard(truth, pred):
+        ti, _ = match_tables(truth, pred, tolerance_nm, px)
+        tp = len(ti)
+        return tp / max(1, len(truth) + len(pred) - tp)
+
+    table = np.array([[jaccard(truth, locs[locs["prob"] >= t]) for t in THRESHOLD_GRID]
+                      for truth, locs in runs])
+    mean = table.mean(axis=0)
+    best = int(np.argmax(mean))
+    threshold = float(THRESHOLD_GRID[best])
+    ratios = {"x": [], "y": []}
+    for truth, locs in runs:
+        sel = locs[locs["prob"] >= threshold]
+        ti, pi = match_tables(truth, sel, tolerance_nm, px)
+        for axis in ("x", "y"):
+            err = sel[axis][pi] - truth[axis][ti]
+            unc = sel["unc_" + axis][pi]
+            ok = np.isfinite(unc) & (unc > 0)
+            ratios[axis].append(err[ok] / unc[ok])
+    scale = []
+    for axis in ("x", "y"):
+        r = np.concatenate(ratios[axis]) if ratios[axis] else np.zeros(0)
+        scale.append(float(np.std(r)) if len(r) > 1 and np.std(r) > 0 else 1.0)
+    at_half = int(np.argmin(np.abs(np.asarray(THRESHOLD_GRID) - 0.5)))
+    per_scene = [{"jaccard": float(table[i, best]), "jaccard_at_0_5": float(table[i, at_half])}
+                 for i in range(len(runs))]
+    return Calibration(threshold=threshold, sigma_scale=tuple(scale),
+                       mean_jaccard=float(mean[best]), mean_jaccard_at_0_5=float(mean[at_half]),
+                       per_scene=per_scene)
+
+
+def apply_calibration(checkpoint_path, calibration: Calibration, out_path=None) -> None:
+    """Store ``calibration`` in a checkpoint (in place, or as ``out_path``), atomically."""
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(checkpoint_path)
+    cfg = ckpt.pop("config_obj")
+    model = ckpt.pop("model")
+    for key in ("format", "package_version", "config"):
+        ckpt.pop(key, None)
+    ckpt["calibration"] = calibration.to_checkpoint()
+    save_checkpoint(out_path or checkpoint_path, model, cfg, **ckpt)
+
+
+def calibration_from_checkpoint(ckpt: dict) -> dict:
+    """``{"threshold": float | None, "sigma_scale": (sx, sy)}`` of a loaded checkpoint (an
+    uncalibrated one gives threshold None and scale (1, 1)); bad values are ignored."""
+    cal = ckpt.get("calibration") or {}
+    threshold = cal.get("threshold")
+    if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
+        threshold = None
+    scale = cal.get("sigma_scale") or (1.0, 1.0)
+    try:
+        scale = tuple(float(v) for v in scale)
+        if len(scale) != 2 or not all(np.isfinite(v) and v > 0 for v in scale):
+            raise ValueError
+    except (TypeError, ValueError):
+        scale = (1.0, 1.0)
+    return {"threshold": None if threshold is None else float(threshold), "sigma_scale": scale}

@@ -1,0 +1,94 @@
+"""Post-hoc calibration: the threshold and uncertainty scale a checkpoint carries."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_var_emitter.calibration import (THRESHOLD_GRID, CalibrationScene, apply_calibration,
+                                            calibrate, calibration_from_runs)
+from napari_var_emitter.checkpoint import load_checkpoint
+from napari_var_emitter.cli import main
+from napari_var_emitter.inference import Predictor, bundled_checkpoint_path
+from napari_var_emitter.simulation import simulate_movie
+from napari_var_emitter.table import make_table
+
+
+def synthetic_run(rng, n_frames=50, per_frame=4, err_px=0.05, unc_px=0.1, fp_prob=0.55):
+    """Truth, and detections: every emitter found (prob 0.9, error ``err_px`` per axis,
+    claimed uncertainty ``unc_px``) plus one false positive per frame at ``fp_prob``."""
+    n = n_frames * per_frame
+    frame = np.repeat(np.arange(n_frames), per_frame)
+    x, y = rng.uniform(2, 38, n), rng.uniform(2, 38, n)
+    truth = make_table(frame, x, y)
+    det = make_table(frame, x + rng.normal(0, err_px, n), y + rng.normal(0, err_px, n),
+                     prob=np.full(n, 0.9), unc_x=np.full(n, unc_px), unc_y=np.full(n, unc_px))
+    # false positives far (> 250 nm) from every emitter: corners are kept free
+    fp = make_table(np.arange(n_frames), np.full(n_frames, 0.5), np.full(n_frames, 0.5),
+                    prob=np.full(n_frames, fp_prob), unc_x=np.full(n_frames, unc_px),
+                    unc_y=np.full(n_frames, unc_px))
+    keep = (x > 4) | (y > 4)
+    return truth[keep], np.concatenate([det[keep], fp])
+
+
+def test_threshold_rejects_false_positives_and_scale_fixes_overcautious_sigmas():
+    rng = np.random.default_rng(0)
+    runs = [synthetic_run(rng), synthetic_run(rng, fp_prob=0.6)]
+    cal = calibration_from_runs(runs)
+    # above both false-positive levels, below the true detections
+    assert 0.6 < cal.threshold <= 0.9
+    assert cal.mean_jaccard == pytest.approx(1.0)
+    assert cal.mean_jaccard_at_0_5 < 0.85
+    # claimed 0.1 px for a true 0.05 px error: the scale halves the uncertainties
+    assert cal.sigma_scale == pytest.approx((0.5, 0.5), rel=0.1)
+
+
+def test_calibration_is_stored_in_the_checkpoint_and_used_by_the_predictor(tmp_path):
+    src = bundled_checkpoint_path()
+    out = tmp_path / "calibrated.pth"
+    cal = calibrate(Predictor.from_checkpoint(src, device="cpu"), n_frames=8,
+                    scenes=[CalibrationScene(0.5), CalibrationScene(2.0)])
+    assert cal.threshold in THRESHOLD_GRID and len(cal.per_scene) == 2
+    apply_calibration(src, cal, out)
+    # weights untouched, calibration readable with weights_only
+    raw = torch.load(out, weights_only=True)
+    assert raw["calibration"]["threshold"] == cal.threshold
+    before, after = load_checkpoint(src)["model"], load_checkpoint(out)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    pred = Predictor.from_checkpoint(out, device="cpu")
+    assert pred.default_threshold == cal.threshold
+    stack = simulate_movie(4, (40, 40), rng=1, density_per_um2=1.0, photons=(2000, 5000),
+                           highres_factor=None).adu
+    used = pred.predict(stack, maps=False).localizations
+    raw_res = pred.predict(stack, maps=False, threshold=cal.threshold, calibrated=False)
+    raw_locs = raw_res.localizations
+    assert len(used) == len(raw_locs) > 0
+    np.testing.assert_allclose(used["x"], raw_locs["x"])
+    np.testing.assert_allclose(used["unc_x"], raw_locs["unc_x"] * cal.sigma_scale[0], rtol=1e-5)
+    np.testing.assert_allclose(used["unc_y"], raw_locs["unc_y"] * cal.sigma_scale[1], rtol=1e-5)
+
+
+def test_calibrate_command_writes_a_copy_and_reports_json(tmp_path, capsys):
+    out = tmp_path / "cal.pth"
+    code = main(["calibrate", "--checkpoint", bundled_checkpoint_path(), "--out", str(out),
+                 "--frames", "3", "--device", "cpu"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["checkpoint"] == str(out) and 0 < report["threshold"] <= 1
+    assert Predictor.from_checkpoint(out).default_threshold == report["threshold"]
+    assert main(["calibrate", "--checkpoint", str(tmp_path / "missing.pth")]) == 2
+    assert "missing.pth" in capsys.readouterr().err
+    assert main(["calibrate", "--checkpoint", str(out), "--frames", "0"]) == 2
+
+
+def test_bad_stored_calibration_is_ignored(untrained_checkpoint, tmp_path):
+    ckpt = torch.load(untrained_checkpoint, weights_only=True)
+    ckpt["calibration"] = {"threshold": 7.0, "sigma_scale": [float("nan"), 1.0]}
+    path = tmp_path / "odd.pth"
+    torch.save(ckpt, path)
+    pred = Predictor.from_checkpoint(path, device="cpu")
+    assert pred.default_threshold == 0.5 and pred.calibration["sigma_scale"] == (1.0, 1.0)

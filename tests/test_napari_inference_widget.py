@@ -332,3 +332,43 @@ def test_bundled_model_finds_the_sparse_emitters(viewer_with_plugin, qtbot):
     assert abs(len(found) - len(truth)) <= 0.25 * len(truth)
     scores = evaluate_tables(truth, found, tolerance_nm=250.0, pixel_size_nm=100.0)
     assert scores["jaccard"] >= 0.7, scores
+
+
+def test_20000_frame_stack_opens_lazily_and_runs_with_progress_and_cancel(
+        viewer_with_plugin, qtbot, tmp_path, untrained_checkpoint):
+    """Issue 6: a 20,000-frame 64x64 stack (164 MB) is opened without loading it, the run
+    reports progress against the whole stack, and Cancel stops it."""
+    import tifffile
+
+    path = tmp_path / "long.tif"
+    tifffile.imwrite(path, shape=(20_000, 64, 64), dtype=np.uint16, photometric="minisblack")
+    frames = tifffile.memmap(path)
+    rng = np.random.default_rng(0)
+    for t0 in range(0, len(frames), 2_000):
+        frames[t0:t0 + 2_000] = rng.poisson(20, (2_000, 64, 64))
+    frames.flush()
+    del frames
+    viewer = viewer_with_plugin
+    [layer] = viewer.open(str(path), plugin="napari-var-emitter")
+    assert hasattr(layer.data, "dask") and layer.data.shape == (20_000, 64, 64)
+    widget = _dock(viewer)
+    widget.image.value = layer
+    _use_checkpoint(widget, untrained_checkpoint, batch_size=32)
+    for box in (widget.show_maps, widget.show_uncertainty):
+        box.value = False
+    seen = []
+
+    def cancel_after_three(event):
+        seen.append((event.done, event.total))
+        if len(seen) == 3:
+            widget.cancel()
+
+    worker = widget.run()
+    worker.yielded.connect(cancel_after_three)
+    _wait(qtbot, widget)
+    assert widget.status.value == "cancelled"
+    done = [d for d, _ in seen]
+    assert all(total == 20_000 for _, total in seen)
+    assert done == sorted(done) and done[0] > 0 and done[-1] < 20_000  # moving, then stopped
+    assert _result_layers(viewer) == []
+    assert widget.run_button.enabled

@@ -264,6 +264,17 @@ def test_uncertainty_loss_calibrates_the_decoders_windowed_estimate():
     assert small < single_pixel_error - 2
 
 
+def test_uncertainty_loss_counts_only_emitters_the_decoder_would_report():
+    unc = UncertaintyLoss()
+    xy = torch.tensor([[[3.0, 3.0], [7.0, 7.0]]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    maps = claim(make_maps(sigma=0.05), [[(3.0, 3.0)]], 2)  # only the first is detected
+    per, n = unc(finish(maps), 2, xy, mask)
+    assert n.tolist() == [1.0]
+    alone, _ = unc(finish(maps), 2, xy[:, :1], mask[:, :1])
+    assert per.item() == pytest.approx(alone.item())  # the missed one adds nothing
+
+
 def test_uncertainty_floor_stops_collapse():
     unc = UncertaintyLoss(floor_px=0.01)
     xy = torch.tensor([[[3.0, 3.0]]])

@@ -244,12 +244,20 @@ class UncertaintyLoss:
     below ``floor_px`` input px on lucky exact hits. Calibrating a single pixel's sigma
     instead made the shipped sigmas about 1.5x too large when sparse: the decoder's
     windowed mean is more precise than any one pixel's estimate.
+
+    Only emitters the decoder would report count, as in the calibration users measure
+    (matched detections): windowed mass at least ``detect_mass`` and the estimate within
+    ``match_px`` input px of the truth on both axes. Undetected emitters' "estimates" are
+    noise and would only inflate every sigma.
     Returns ``(per-sample sum (B,), emitters per sample (B,))``.
     """
 
-    def __init__(self, floor_px: float = 0.01, floor_weight: float = 1.0):
+    def __init__(self, floor_px: float = 0.01, floor_weight: float = 1.0,
+                 detect_mass: float = 0.5, match_px: float = 2.5):
         self.log_floor = math.log(floor_px)
         self.floor_weight = float(floor_weight)
+        self.detect_mass = float(detect_mass)
+        self.match_px = float(match_px)
 
     def __call__(self, maps: dict, factor: int, xy, mask):
         prob = maps["prob"].detach().float()
@@ -263,7 +271,9 @@ class UncertaintyLoss:
         dy, dx = torch.meshgrid(d, d, indexing="ij")
         rows = (row0[..., None] + dy.reshape(-1)).clamp(0, h - 1)
         cols = (col0[..., None] + dx.reshape(-1)).clamp(0, w - 1)
-        best = gather_map(mass, rows, cols).argmax(dim=2, keepdim=True)
+        mass_3x3 = gather_map(mass, rows, cols)
+        best = mass_3x3.argmax(dim=2, keepdim=True)
+        detected = mass_3x3.gather(2, best)[..., 0] * (k * k) >= self.detect_mass
         row_c = rows.gather(2, best)
         col_c = cols.gather(2, best)
         d = torch.arange(-half, half + 1, device=prob.device)
@@ -284,9 +294,11 @@ class UncertaintyLoss:
         nll = -(log_normal_pdf(xy[..., 0], mux, sx) + log_normal_pdf(xy[..., 1], muy, sy))
         reg = (F.relu(self.log_floor - torch.log(sx)) ** 2
                + F.relu(self.log_floor - torch.log(sy)) ** 2)
-        m = mask.float()
-        per = torch.where(mask, nll + self.floor_weight * reg, torch.zeros_like(nll))
-        return per.sum(1), m.sum(1)
+        close = ((xy[..., 0] - mux).abs() < self.match_px) & ((xy[..., 1] - muy).abs()
+                                                              < self.match_px)
+        used = mask & detected & close
+        per = torch.where(used, nll + self.floor_weight * reg, torch.zeros_like(nll))
+        return per.sum(1), used.float().sum(1)
 
 
 class ReconstructionLoss:

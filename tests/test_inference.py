@@ -261,3 +261,14 @@ def test_cancel_stops_prediction_and_removes_the_partial_file(untrained_checkpoi
     with pytest.raises(Cancelled):
         pred.predict(stack, batch_size=1, maps_h5=tmp_path / "predictions.h5", cancel=cancel)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_localisations_come_ordered_by_frame_then_y_then_x():
+    from napari_var_emitter.simulation import simulate_movie
+
+    movie = simulate_movie(12, (70, 90), rng=4, density_per_um2=2.0, photons=(2000, 5000),
+                           highres_factor=None)
+    t = Predictor.from_pretrained(device="cpu").predict(movie.adu, maps=False,
+                                                        batch_size=5).localizations
+    assert len(t) > 50 and len(np.unique(t["frame"])) == 12
+    assert np.array_equal(np.lexsort((t["x"], t["y"], t["frame"])), np.arange(len(t)))

@@ -326,10 +326,14 @@ class Predictor:
                            & (tab["x"] >= xbounds[kx] - 0.5) & (tab["x"] < xbounds[kx + 1] - 0.5))
                     tab["frame"] = t0 + ti
                     per_frame.setdefault(ti, []).append((tab, own, ky * len(xs) + kx))
-                for ti in sorted(per_frame):
-                    tab = merge_tile_detections(per_frame[ti])
-                    tables.append(tab)
-                    n_locs += len(tab)
+                # one table per batch, each frame's rows ordered by (y, x): the batches come
+                # in frame order, so the final table needs no global sort (and long stacks
+                # keep a few thousand arrays, not one per frame)
+                batch = [_sort_frame(merge_tile_detections(per_frame[ti]))
+                         for ti in sorted(per_frame)]
+                if batch:
+                    tables.append(concat_tables(batch))
+                    n_locs += len(tables[-1])
                 if maps:
                     stitched = _stitch_maps(out, factors, t1 - t0, where, ys, xs, ybounds,
                                             xbounds, h, w)
@@ -341,7 +345,7 @@ class Predictor:
                                 mem_maps[f][k][t0:t1] = stitched[f][k]
                 yield ProgressEvent(t1, t_total, n_locs)
             locs = concat_tables(tables) if tables else empty_table(0)
-            locs = _sort_table(locs)
+            tables.clear()
             if writer is not None:
                 writer.write_localizations(locs)
                 writer.close()
@@ -481,9 +485,9 @@ def _stitch_maps(out, factors, n_frames, where, ys, xs, ybounds, xbounds, h, w):
     return res
 
 
-def _sort_table(t):
-    order = np.lexsort((t["x"], t["y"], t["frame"]))
-    return t[order]
+def _sort_frame(t):
+    """One frame's detections ordered by (y, x)."""
+    return t[np.lexsort((t["x"], t["y"]))] if len(t) > 1 else t
 
 
 def render_super_resolution(table, shape, pixel_size_nm: float, render_px_nm: float = 10.0,

@@ -502,12 +502,14 @@ def _fmt_column(values: np.ndarray, fmt: str) -> list[str]:
 
 
 def write_thunderstorm_csv(path: str | os.PathLike, table, pixel_size_nm: float,
-                           chunk_rows: int = 200_000) -> str:
+                           chunk_rows: int = 20_000) -> str:
     """Write the localisations CSV (ThunderSTORM columns + prob, per-axis uncertainty).
 
     ``id`` and ``frame`` are 1-based; positions in nm from the top-left corner; sigma and
     uncertainties converted from pixels; ``offset`` = background, ``bkgstd`` =
     sqrt(background) (Poisson); ``uncertainty [nm]`` = sqrt((ux^2 + uy^2) / 2).
+    Rows are formatted ``chunk_rows`` at a time: each row is a dozen Python strings, so
+    memory stays bounded (~15 MB) however long the table.
     """
     path = os.fspath(path)
     px = _check_px(pixel_size_nm)

@@ -288,6 +288,7 @@ def test_sample_training_batch_shapes_and_ranges():
     assert batch.expected.shape == (16, 3, 40, 48)
     assert batch.background.shape == (16, 40, 48) and batch.background.dtype == np.float32
     assert len(batch.tables) == 16 and len(batch.cameras) == 16
+    ratios = []
     for t, cam, bg in zip(batch.tables, batch.cameras, batch.background):
         assert t.dtype == LOC_DTYPE and np.all(t["frame"] == 0)
         assert np.all((t["x"] >= -0.5) & (t["x"] < 47.5) & (t["y"] >= -0.5) & (t["y"] < 39.5))
@@ -295,8 +296,11 @@ def test_sample_training_batch_shapes_and_ranges():
         assert np.all((t["photons"] >= 200) & (t["photons"] <= 10000))
         assert np.all(np.isfinite(t["background"]))
         assert isinstance(cam, Camera) and 0.7 <= cam.qe <= 0.95
-        # a uniform or smoothly varying background within +-30% of its level
-        assert bg.max() / bg.min() <= 1.3 / 0.7 + 1e-6
+        # a uniform or smoothly varying background within +-70% of its level
+        ratios.append(bg.max() / bg.min())
+        assert ratios[-1] <= 1.7 / 0.3 + 1e-4
+    # steep backgrounds (as users' fields, and `simulate --background 10 50`) are in the mix
+    assert max(ratios) > 2.0 and min(ratios) == pytest.approx(1.0)
     assert 0 < sum(c.is_emccd for c in batch.cameras) < 16
     # consecutive frames share blinking emitters: the context frames are correlated
     sig = batch.expected - batch.background[:, None]

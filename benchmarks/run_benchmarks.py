@@ -575,6 +575,9 @@ def checkpoint_info(path: str | None) -> dict:
         info["step"] = ck.get("step")
         info["epoch"] = ck.get("epoch")
         info["val_metrics"] = ck.get("metrics", {})
+        from napari_var_emitter.calibration import calibration_from_checkpoint
+
+        info["calibration"] = calibration_from_checkpoint(ck)
         info["mtime"] = datetime.datetime.fromtimestamp(os.path.getmtime(p)).isoformat(
             timespec="seconds")
     except Exception as e:  # noqa: BLE001 - informative only
@@ -646,8 +649,17 @@ def build_report(results: list, speed: dict | None, meta: dict) -> str:
     if "error" in ck:
         w += f" ({ck['error']})"
     L.append(w)
-    L.append(f"- Our model: `Predictor.predict(..., maps=False)`, threshold "
-             f"{meta['threshold']}, batch {meta['batch_size']}; one fresh process per scenario.")
+    cal = meta["checkpoint"].get("calibration") or {}
+    if meta["threshold"] is not None:
+        thr = f"{meta['threshold']} (given)"
+    elif cal.get("threshold"):
+        thr = (f"{cal['threshold']} (the model's calibrated threshold; uncertainties x "
+               f"{cal['sigma_scale'][0]:.3f} / {cal['sigma_scale'][1]:.3f} in x / y, "
+               "from `var-emitter calibrate` on its own simulated scenes, not these)")
+    else:
+        thr = "0.5 (uncalibrated model)"
+    L.append(f"- Our model: `Predictor.predict(..., maps=False)`, threshold {thr}, batch "
+             f"{meta['batch_size']}; one fresh process per scenario.")
     if meta.get("picasso"):
         p = meta["picasso"]
         L.append(f"- Picasso {p.get('picasso_version')} (`picassosr`, separate venv "
@@ -953,7 +965,8 @@ def parse_args(argv=None):
                     help="frames of the end-to-end speed stack (default 2000; 60 with --quick)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="detection threshold (default: the model's calibrated one, else 0.5)")
     ap.add_argument("--workdir", default=None, help="keep intermediate files here")
     ap.add_argument("--_ours-worker", dest="ours_worker", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)

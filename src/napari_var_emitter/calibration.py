@@ -142,12 +142,19 @@ def calibration_from_runs(runs, tolerance_nm: float = 250.0,
             unc = sel["unc_" + axis][pi]
             ok = np.isfinite(unc) & (unc > 0)
             ratios[axis].append(err[ok] / unc[ok])
+
+    def spread(r):
+        return float(np.std(r)) if len(r) > 1 and np.std(r) > 0 else float("nan")
+
     scale = []
     for axis in ("x", "y"):
-        r = np.concatenate(ratios[axis]) if ratios[axis] else np.zeros(0)
-        scale.append(float(np.std(r)) if len(r) > 1 and np.std(r) > 0 else 1.0)
+        s = spread(np.concatenate(ratios[axis]) if ratios[axis] else np.zeros(0))
+        scale.append(s if np.isfinite(s) else 1.0)
     at_half = int(np.argmin(np.abs(np.asarray(THRESHOLD_GRID) - 0.5)))
-    per_scene = [{"jaccard": float(table[i, best]), "jaccard_at_0_5": float(table[i, at_half])}
+    # per scene: Jaccard at the chosen threshold and at 0.5, and std(error / sigma) per axis
+    # before (raw) the pooled scale is applied
+    per_scene = [{"jaccard": float(table[i, best]), "jaccard_at_0_5": float(table[i, at_half]),
+                  "raw_calibration": [spread(ratios["x"][i]), spread(ratios["y"][i])]}
                  for i in range(len(runs))]
     return Calibration(threshold=threshold, sigma_scale=tuple(scale),
                        mean_jaccard=float(mean[best]), mean_jaccard_at_0_5=float(mean[at_half]),

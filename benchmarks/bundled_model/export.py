@@ -6,7 +6,8 @@ Usage::
         src/napari_var_emitter/weights/var_emitter_default.pth --model-id var-emitter-default-v1
 
 Drops the optimiser, scheduler and RNG state (not needed for inference, and they triple
-the size) and records the training step, validation metrics and history.
+the size) and records the training step, validation metrics, history and, when present,
+the calibration (``var-emitter calibrate``; run it on the exported file otherwise).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def main(argv=None):
     ckpt = load_checkpoint(a.checkpoint)
     save_checkpoint(a.out, ckpt["model"], ckpt["config_obj"], model_id=a.model_id,
                     step=int(ckpt.get("step", 0)), epoch=int(ckpt.get("epoch", 0)),
-                    metrics=dict(ckpt.get("metrics", {})), history=list(ckpt.get("history", [])))
+                    metrics=dict(ckpt.get("metrics", {})), history=list(ckpt.get("history", [])),
+                    **({"calibration": ckpt["calibration"]} if "calibration" in ckpt else {}))
     print(f"{a.out}: {os.path.getsize(a.out) / 1e6:.2f} MB, step {ckpt.get('step')}, "
           f"metrics {ckpt.get('metrics')}")
 

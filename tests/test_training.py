@@ -17,6 +17,7 @@ import torch
 
 from napari_var_emitter.checkpoint import load_checkpoint
 from napari_var_emitter.config import Config
+from napari_var_emitter.errors import ConfigError
 from napari_var_emitter.dataset import TrainingData
 from napari_var_emitter.training import MAX_BAD_STEPS, Trainer, TrainingError, scale_ramp
 
@@ -236,6 +237,20 @@ def test_init_starts_a_fine_tune_from_given_weights(tmp_path):
     loaded = state(tuned)
     for k, v in state(first).items():
         assert torch.equal(loaded[k], v), k
+
+
+def test_trainable_prefixes_train_one_part_and_freeze_the_rest(tmp_path):
+    cfg = tiny_config(num_epochs=1, steps_per_epoch=3, warmup_epochs=0,
+                      trainable="transformer.stages.2")
+    trainer = make_trainer(tmp_path, cfg)
+    before = state(trainer)
+    _run(trainer)
+    # parameters and buffers (the VQ codebook's EMA) outside the trained part stay put
+    changed = {k for k, v in state(trainer).items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("transformer.stages.2.") for k in changed), changed
+    assert "transformer.stages.2.head.bias" in changed
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        make_trainer(tmp_path / "bad", tiny_config(trainable="no.such.layer"))
 
 
 # -- other data sources --------------------------------------------------------------------

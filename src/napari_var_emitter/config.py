@@ -94,6 +94,13 @@ class TrainingConfig:
     seed: int = 0
     num_workers: int = 0
     mode: str = "supervised"  # supervised | reconstruction (unlabeled frames)
+    #: comma-separated parameter-name prefixes to train, the rest frozen ("" = train all),
+    #: e.g. "transformer.stages.2" (the 8x stage) when fine-tuning one part of a model
+    trainable: str = ""
+
+    def trainable_prefixes(self) -> list[str]:
+        """:attr:`trainable` as a list of prefixes (empty: every parameter trains)."""
+        return [p.strip() for p in self.trainable.split(",") if p.strip()]
 
     def validate(self):
         for name in ("num_epochs", "batch_size", "steps_per_epoch"):

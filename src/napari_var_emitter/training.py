@@ -24,7 +24,7 @@ import torch
 from .checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .dataset import TrainingData, collate_targets
-from .errors import CheckpointError, OutputError, VarEmitterError
+from .errors import CheckpointError, ConfigError, OutputError, VarEmitterError
 from .inference import decode_maps, resolve_device
 
 #: consecutive steps with a non-finite loss or gradient after which training stops
@@ -106,8 +106,8 @@ class Trainer:
         self.model = VarEmitterNet(self.config.model).to(self.device)
         self.factors = list(self.config.model.factors)
         self.loss_fn = VarEmitterLoss(self.config.loss, self.factors)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tr.learning_rate,
-                                           weight_decay=tr.weight_decay)
+        self.optimizer = torch.optim.AdamW(self._trainable_parameters(tr),
+                                           lr=tr.learning_rate, weight_decay=tr.weight_decay)
         self.total_steps = tr.num_epochs * tr.steps_per_epoch
         warm = max(1, min(self.total_steps // 20, 500))
 
@@ -161,6 +161,21 @@ class Trainer:
                 except OSError as e:
                     raise OutputError(f"{self.output_dir}: cannot write TensorBoard logs "
                                       f"({e.strerror or e})") from None
+
+    def _trainable_parameters(self, tr) -> list:
+        """Parameters the optimiser updates; the others are frozen (no gradient computed)."""
+        prefixes = tr.trainable_prefixes()
+        if not prefixes:
+            return list(self.model.parameters())
+        chosen = []
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(any(name.startswith(pre) for pre in prefixes))
+            if p.requires_grad:
+                chosen.append(p)
+        if not chosen:
+            raise ConfigError(f"training.trainable {tr.trainable!r} matches no parameter of "
+                              "the model (names look like 'transformer.stages.2.head.weight')")
+        return chosen
 
     # -- public API -------------------------------------------------------------------
     def cancel(self) -> None:
@@ -247,6 +262,13 @@ class Trainer:
     def _train_step(self, ramp) -> dict:
         tr = self.config.training
         self.model.train()
+        if tr.trainable_prefixes():
+            # frozen parts behave as at inference: in particular the VQ codebook's EMA must
+            # not drift under heads that can no longer follow it
+            for m in self.module.modules():
+                params = list(m.parameters())
+                if params and not any(p.requires_grad for p in params):
+                    m.eval()
         batch = self.data.train_batch(tr.batch_size, self.rng)
         x = torch.from_numpy(batch.frames).to(self.device)
         self.optimizer.zero_grad(set_to_none=True)

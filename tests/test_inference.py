@@ -272,3 +272,28 @@ def test_localisations_come_ordered_by_frame_then_y_then_x():
                                                         batch_size=5).localizations
     assert len(t) > 50 and len(np.unique(t["frame"])) == 12
     assert np.array_equal(np.lexsort((t["x"], t["y"], t["frame"])), np.arange(len(t)))
+
+
+def test_bundled_model_maps_at_every_scale_locate_the_emitters():
+    """The 2x, 4x and 8x probability maps of the shipped model each decode to the emitters
+    (the maps users look at must mean what the localisations say)."""
+    from napari_var_emitter.inference import decode_maps
+    from napari_var_emitter.metrics import evaluate_tables
+    from napari_var_emitter.simulation import simulate_movie
+    from napari_var_emitter.table import concat_tables
+
+    movie = simulate_movie(20, (40, 40), rng=8, density_per_um2=0.5, photons=(1000, 5000),
+                           highres_factor=None)
+    pred = Predictor.from_pretrained(device="cpu")
+    res = pred.predict(movie.adu, batch_size=20)
+    for f in (2, 4, 8):
+        maps = {k: torch.from_numpy(np.nan_to_num(np.asarray(res.maps[f][name])))
+                for name, k in (("probability", "prob"), ("offset_x", "offset_x"),
+                                ("offset_y", "offset_y"), ("photons", "photons"),
+                                ("uncertainty_x", "sigma_x"), ("uncertainty_y", "sigma_y"))}
+        maps["background"] = torch.zeros_like(maps["prob"])
+        tables = decode_maps(maps, f, 0.5)
+        for frame, t in enumerate(tables):
+            t["frame"] = frame
+        ev = evaluate_tables(movie.table_in_view(), concat_tables(tables))
+        assert ev["jaccard"] > 0.6, (f, ev["jaccard"])

@@ -48,6 +48,22 @@ def _wait(qtbot, widget, timeout=RUN_TIMEOUT_MS):
     qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
 
 
+def _run_and_cancel_after(qtbot, widget, n_events):
+    """Run, press Cancel once ``n_events`` progress events arrived, wait; the events seen."""
+    seen = []
+
+    def on_progress(event):
+        seen.append(event)
+        if len(seen) == n_events:
+            widget.cancel()
+
+    worker = widget.run()
+    worker.yielded.connect(on_progress)
+    _wait(qtbot, widget)
+    assert widget.status.value == "cancelled"
+    return seen
+
+
 def _result_layers(viewer):
     return [ly for ly in viewer.layers if RESULT_KEY in ly.metadata]
 
@@ -171,17 +187,7 @@ def test_cancel_leaves_no_layers_and_the_widget_usable(viewer_with_plugin, qtbot
     widget.image.value = layer
     _use_checkpoint(widget, untrained_checkpoint, batch_size=9)  # one frame per batch
     widget.show_uncertainty.value = False
-    seen = []
-
-    def cancel_once(event):
-        seen.append(event.done)
-        if len(seen) == 1:
-            widget.cancel()
-
-    worker = widget.run()
-    worker.yielded.connect(cancel_once)
-    _wait(qtbot, widget)
-    assert widget.status.value == "cancelled"
+    seen = [e.done for e in _run_and_cancel_after(qtbot, widget, 1)]
     # stopped early: the worker quits at its next yield after cancel(); events it yielded
     # before the GUI thread got to handle the first one may still arrive (more under load)
     assert seen[-1] < 200 and len(seen) < 100
@@ -356,19 +362,9 @@ def test_20000_frame_stack_opens_lazily_and_runs_with_progress_and_cancel(
     _use_checkpoint(widget, untrained_checkpoint, batch_size=32)
     for box in (widget.show_maps, widget.show_uncertainty):
         box.value = False
-    seen = []
-
-    def cancel_after_three(event):
-        seen.append((event.done, event.total))
-        if len(seen) == 3:
-            widget.cancel()
-
-    worker = widget.run()
-    worker.yielded.connect(cancel_after_three)
-    _wait(qtbot, widget)
-    assert widget.status.value == "cancelled"
-    done = [d for d, _ in seen]
-    assert all(total == 20_000 for _, total in seen)
+    events = _run_and_cancel_after(qtbot, widget, 3)
+    done = [e.done for e in events]
+    assert all(e.total == 20_000 for e in events)
     assert done == sorted(done) and done[0] > 0 and done[-1] < 20_000  # moving, then stopped
     assert _result_layers(viewer) == []
     assert widget.run_button.enabled

@@ -529,7 +529,7 @@ def _check_writable(folder):
                           f"({e.strerror or e})") from None
 
 
-# -- evaluate ------------------------------------------------------------------------------
+# -- calibrate -----------------------------------------------------------------------------
 def cmd_calibrate(a) -> int:
     """Calibrate the threshold and uncertainty scale of a checkpoint (see calibration.py)."""
     from .calibration import apply_calibration, calibrate
@@ -550,6 +550,7 @@ def cmd_calibrate(a) -> int:
     return 0
 
 
+# -- evaluate ------------------------------------------------------------------------------
 def cmd_evaluate(a) -> int:
     import numpy as np
 

@@ -131,3 +131,19 @@ def untrained_checkpoint(tmp_path_factory, tiny_model_config):
     path = tmp_path_factory.mktemp("ckpt") / "untrained.pth"
     save_checkpoint(path, model.state_dict(), tiny_model_config, step=0)
     return path
+
+
+def _drain(gen):
+    """Exhaust a generator; return (the items it yielded, its return value)."""
+    items = []
+    while True:
+        try:
+            items.append(next(gen))
+        except StopIteration as stop:
+            return items, stop.value
+
+
+@pytest.fixture
+def drain():
+    """:func:`_drain` for tests of generators that yield progress and return a result."""
+    return _drain

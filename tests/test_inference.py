@@ -168,17 +168,10 @@ def test_camera_conversion_happens_before_the_network():
 
 # -- the real (tiny, untrained) model: outputs and their shapes -----------------------------
 
-def test_maps_at_every_scale_stitched_to_the_frame(untrained_checkpoint):
+def test_maps_at_every_scale_stitched_to_the_frame(untrained_checkpoint, drain):
     pred = Predictor.from_checkpoint(untrained_checkpoint, device="cpu")
     stack = np.random.default_rng(0).poisson(20, (3, 96, 130)).astype(np.uint16)
-    events = []
-    gen = pred.predict_iter(stack, batch_size=100)
-    while True:
-        try:
-            events.append(next(gen))
-        except StopIteration as stop:
-            res = stop.value
-            break
+    events, res = drain(pred.predict_iter(stack, batch_size=100))
     assert isinstance(res, PredictionResult)
     assert [e.done for e in events] == [1, 2, 3] and all(e.total == 3 for e in events)
     assert res.shape == (3, 96, 130) and res.factors == [2, 4, 8]

@@ -223,7 +223,7 @@ def test_finetuned_registry_signals():
     assert used == ["/a/best_model.pth", "/b/best_model.pth"]
 
 
-def test_prediction_job_passes_progress_and_returns_result():
+def test_prediction_job_passes_progress_and_returns_result(drain):
     class FakePredictor:
         def predict_iter(self, stack, **kw):
             for i in range(3):
@@ -232,13 +232,7 @@ def test_prediction_job_passes_progress_and_returns_result():
 
     gen = prediction_job(FakePredictor, np.zeros((3, 4, 4)), {"threshold": 0.7},
                          render=lambda r: r + "-rendered")
-    events = []
-    while True:
-        try:
-            events.append(next(gen))
-        except StopIteration as stop:
-            value = stop.value
-            break
+    events, value = drain(gen)
     assert events == [("progress", 0, 0.7), ("progress", 1, 0.7), ("progress", 2, 0.7)]
     assert value == ("result", "result-rendered")
 

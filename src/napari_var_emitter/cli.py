@@ -317,6 +317,7 @@ def _cmd_predict(a) -> int:
     failures = 0
     with _Interrupts() as interrupts:
         for path, stem in mine:
+            interrupts.check()
             try:
                 _predict_one(a, predictor, camera, path, stem, interrupts)
             except VarEmitterError as e:
@@ -398,7 +399,7 @@ def _predict_one(a, predictor, camera, path, stem, interrupts) -> None:
                 stack, camera=camera, pixel_size_nm=px, threshold=a.threshold,
                 batch_size=a.batch_size, maps=not a.no_maps, name=path,
                 maps_h5=None if a.no_maps else os.path.join(tmp, "predictions.h5"),
-                h5_attrs=attrs)
+                h5_attrs=attrs, cancel=interrupts.check)
             bar = _progress_bar(len(stack), 0, True)
             try:
                 while True:
@@ -420,6 +421,7 @@ def _predict_one(a, predictor, camera, path, stem, interrupts) -> None:
                     write_figures(tmp, stack, result)
             finally:
                 _close_maps(result)
+        interrupts.check()
         with interrupts.deferred():  # the rename is never cut in half by Ctrl-C
             _replace_dir(tmp, final)
     except BaseException:
@@ -448,18 +450,32 @@ def _remove_stale_partials(out_dir, stem) -> None:
 
 class _Interrupts:
     """SIGINT and SIGTERM raise KeyboardInterrupt (clean-up runs, exit 130), except inside
-    :meth:`deferred` blocks, at whose end a signal received meanwhile is raised."""
+    :meth:`deferred` blocks, at whose end a signal received meanwhile is raised.
+
+    A signal is also remembered: when it lands while Python runs a weakref callback or a
+    ``__del__`` (h5py and torch run many), the KeyboardInterrupt raised there is printed as
+    "Exception ignored" and lost, and the run would finish as if Ctrl-C had not been pressed.
+    :meth:`check` (called after every batch) raises it again.
+    """
 
     def __init__(self):
         self._old = {}
         self._depth = 0
         self._pending = False
+        self.received = False
 
     def _handler(self, signum, frame):
+        self.received = True
         if self._depth:
             self._pending = True
             return
         raise KeyboardInterrupt
+
+    def check(self) -> bool:
+        """Raise KeyboardInterrupt if a signal arrived (even one swallowed); else False."""
+        if self.received and not self._depth:
+            raise KeyboardInterrupt
+        return False
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):

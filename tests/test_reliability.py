@@ -304,7 +304,10 @@ def _other_architecture(p, marker, source):
 BAD_CHECKPOINTS = {
     "pickle_with_code": (_plain_pickle, "refused"),
     "torch_file_with_code": (_torch_zip_pickle, "refused"),
-    "random_bytes": (lambda p, m: p.write_bytes(os.urandom(2048)), "not a readable checkpoint"),
+    # seeded: unseeded bytes start with 0x80 (a raw pickle's opcode, refused with another
+    # message) once in 256 runs
+    "random_bytes": (lambda p, m: p.write_bytes(np.random.default_rng(7).bytes(2048)),
+                     "not a readable checkpoint"),
     "plain_state_dict": (lambda p, m: torch.save({"w": torch.zeros(3)}, p),
                          "not a napari-var-emitter checkpoint"),
     "other_architecture": (None, "do not match"),

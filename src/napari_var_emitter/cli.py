@@ -417,6 +417,7 @@ def _predict_one(a, predictor, camera, path, stem, interrupts) -> None:
                     bar.close()
             try:
                 write_tables(tmp, result)
+                interrupts.check()
                 if not a.no_figures:
                     write_figures(tmp, stack, result)
             finally:
@@ -449,30 +450,29 @@ def _remove_stale_partials(out_dir, stem) -> None:
 
 
 class _Interrupts:
-    """SIGINT and SIGTERM raise KeyboardInterrupt (clean-up runs, exit 130), except inside
-    :meth:`deferred` blocks, at whose end a signal received meanwhile is raised.
+    """Cooperative SIGINT/SIGTERM: the first signal is only recorded, and :meth:`check`
+    (called after every batch, between outputs and before each input) turns it into a
+    KeyboardInterrupt, so clean-up runs and the exit status is 130. A second signal raises
+    at once, for a user who does not want to wait for the current batch.
 
-    A signal is also remembered: when it lands while Python runs a weakref callback or a
-    ``__del__`` (h5py and torch run many), the KeyboardInterrupt raised there is printed as
-    "Exception ignored" and lost, and the run would finish as if Ctrl-C had not been pressed.
-    :meth:`check` (called after every batch) raises it again.
+    Raising from the handler itself is unsafe here: a signal that lands while Python runs a
+    weakref callback or a ``__del__`` (h5py and torch run many) has its KeyboardInterrupt
+    printed as "Exception ignored" and dropped, and the run would go on. Inside
+    :meth:`deferred` blocks nothing is raised until the block ends.
     """
 
     def __init__(self):
         self._old = {}
         self._depth = 0
-        self._pending = False
-        self.received = False
+        self.received = 0
 
     def _handler(self, signum, frame):
-        self.received = True
-        if self._depth:
-            self._pending = True
-            return
-        raise KeyboardInterrupt
+        self.received += 1
+        if self.received > 1 and not self._depth:
+            raise KeyboardInterrupt
 
     def check(self) -> bool:
-        """Raise KeyboardInterrupt if a signal arrived (even one swallowed); else False."""
+        """Raise KeyboardInterrupt if a signal arrived; else return False."""
         if self.received and not self._depth:
             raise KeyboardInterrupt
         return False
@@ -498,9 +498,7 @@ class _Interrupts:
             yield
         finally:
             self._depth -= 1
-        if not self._depth and self._pending:
-            self._pending = False
-            raise KeyboardInterrupt
+        self.check()
 
 
 def _complete(folder, a) -> bool:

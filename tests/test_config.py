@@ -35,6 +35,7 @@ def test_round_trip(tmp_path):
     ({"modle": {}}, "unknown key"),
     ({"model": {"base_channels": "64"}}, "must be an integer"),
     ({"model": {"base_channels": -4}}, "must be >= 1"),
+    ({"model": {"refine_blocks": -1}}, "refine_blocks must be >= 0"),
     ({"model": {"input_size": [40, -40]}}, "two positive integers"),
     ({"model": {"target_sizes": [[80, 80], [150, 150], [320, 320]]}}, "not an integer multiple"),
     ({"training": {"progressive": "yes"}}, "true or false"),

@@ -239,6 +239,34 @@ def test_init_starts_a_fine_tune_from_given_weights(tmp_path):
         assert torch.equal(loaded[k], v), k
 
 
+def test_init_grows_a_trained_model_by_refine_blocks_without_changing_its_output(tmp_path):
+    from napari_var_emitter.errors import CheckpointError
+
+    cfg = tiny_config(num_epochs=1, steps_per_epoch=2)
+    first = make_trainer(tmp_path / "a", cfg)
+    _run(first)
+    d = cfg.to_dict()
+    grown_cfg = Config.from_dict({**d, "model": {**d["model"], "refine_blocks": 2}})
+    grown = make_trainer(tmp_path / "b", grown_cfg, init=tmp_path / "a" / "last_model.pth")
+    assert len(grown.module.transformer.refine) == 2
+    x = torch.rand(2, 1, 16, 16) * 40 + 10
+    with torch.no_grad():
+        a = first.module.eval()(x, with_recon=False)["maps"]
+        b = grown.module.eval()(x, with_recon=False)["maps"]
+    for f in a:  # new blocks start as the identity
+        for k in a[f]:
+            assert torch.equal(a[f][k], b[f][k]), (f, k)
+    _run(grown)  # and they learn
+    assert any(p.abs().sum() > 0 for n, p in grown.module.named_parameters()
+               if n.startswith("transformer.refine.") and n.endswith("conv2.weight"))
+    # a model cannot be shrunk, nor changed otherwise
+    with pytest.raises(CheckpointError, match="refine_blocks"):
+        make_trainer(tmp_path / "c", cfg, init=tmp_path / "b" / "last_model.pth")
+    wider = Config.from_dict({**d, "model": {**d["model"], "base_channels": 12}})
+    with pytest.raises(CheckpointError, match="differs"):
+        make_trainer(tmp_path / "d", wider, init=tmp_path / "a" / "last_model.pth")
+
+
 def test_trainable_prefixes_train_one_part_and_freeze_the_rest(tmp_path):
     cfg = tiny_config(num_epochs=1, steps_per_epoch=3, warmup_epochs=0,
                       trainable="transformer.stages.2")

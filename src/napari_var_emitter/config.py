@@ -34,6 +34,9 @@ class ModelConfig:
     use_quantization: bool = True
     loc_factor: int = 2  # upsampling factor whose maps localisations are decoded from
     context_frames: int = 1  # consecutive frames seen by the encoder (odd)
+    # residual conv blocks at native resolution before the scale heads (sub-pixel precision);
+    # zero-initialised, so a trained model can be grown by --init into one with more blocks
+    refine_blocks: int = 0
 
     def validate(self):
         _positive_pair(self.input_size, "model.input_size")
@@ -67,6 +70,8 @@ class ModelConfig:
                               f"factors {self.factors}")
         if self.context_frames < 1 or self.context_frames % 2 == 0:
             raise ConfigError("model.context_frames must be an odd number >= 1")
+        if self.refine_blocks < 0:
+            raise ConfigError(f"model.refine_blocks must be >= 0, got {self.refine_blocks}")
 
     @property
     def factors(self) -> list[int]:

@@ -14,6 +14,7 @@ of the warm-up; 'step': switched on at once; 'none': all scales from the start).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -129,10 +130,8 @@ class Trainer:
         if init is not None:
             ckpt = load_checkpoint(init)
             src = build_model_from_checkpoint(ckpt, init)
-            if ckpt["config_obj"].model != self.config.model:
-                raise CheckpointError(init, "its model section differs from this config's "
-                                      "(fine-tuning needs the same architecture)")
-            self.model.load_state_dict(src.state_dict())
+            _load_init_weights(self.model, src, ckpt["config_obj"].model, self.config.model,
+                               init)
         if resume is not None:
             self._load_resume(resume)
         self.module = self.model
@@ -458,3 +457,21 @@ def _score(metrics: dict) -> float:
         return eff
     loss = metrics.get("loss", float("inf"))
     return -1e6 - (loss if math.isfinite(loss) else 1e6)
+
+
+def _load_init_weights(model, src, src_cfg, cfg, path) -> None:
+    """Copy ``src``'s weights into ``model`` (``--init``): same architecture, or the same
+    one grown by more ``refine_blocks`` (new blocks start as the identity, so the grown
+    model predicts exactly what ``src`` did)."""
+    same_but_refine = dataclasses.replace(src_cfg, refine_blocks=cfg.refine_blocks) == cfg
+    if src_cfg == cfg:
+        model.load_state_dict(src.state_dict())
+        return
+    if not same_but_refine or cfg.refine_blocks < src_cfg.refine_blocks:
+        raise CheckpointError(path, "its model section differs from this config's "
+                              "(fine-tuning needs the same architecture, or more "
+                              "model.refine_blocks)")
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    grown = [k for k in missing if not k.startswith("transformer.refine.")]
+    if grown or unexpected:  # cannot happen when only refine_blocks differ
+        raise CheckpointError(path, f"weights do not fit this model: {grown or unexpected}")

@@ -16,7 +16,8 @@ So the chain is split in two parts:
    background level, PSF width, density, neighbouring spots that overlap.
 2. **Next-scale prediction by convolution.** The token features return to native
    resolution (1x1 conv + PixelShuffle) and are fused with the encoder's native skip
-   features. Scale ``x2`` is predicted from them (1x1 conv + PixelShuffle(2), 1x1 heads).
+   features, then refined by ``refine_blocks`` residual conv blocks at native resolution
+   (:class:`RefineBlock`: the sub-pixel detail the offsets need). Scale ``x2`` is predicted from them (1x1 conv + PixelShuffle(2), 1x1 heads).
    Every finer scale ``f_{k+1} = r f_k`` is predicted from (a) the features of scale ``k``
    and (b) scale ``k``'s own *predictions* (detection probability, logit, offsets
    expressed in finer map pixels, photons, sigma), mixed and refined at scale ``k``'s
@@ -96,6 +97,29 @@ class TransformerBlock(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v)
         x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
         return x + self.mlp(self.norm2(x))
+
+
+class RefineBlock(nn.Module):
+    """Residual block at native resolution: ``x + conv3x3(silu(conv3x3_dilated(x)))``.
+
+    The encoder's skip path sees only a 5x5 neighbourhood through two thin convolutions;
+    sub-pixel offsets of a spot with sigma up to 2 px need a wider and deeper view at full
+    resolution (the token path is 4x coarser). Dilation grows the receptive field by
+    ``2 * dilation + 2`` px per block at the cost of a plain 3x3 pair. The second
+    convolution starts at zero, so a new block is the identity: blocks can be added to a
+    trained model without changing its output (``model.refine_blocks``, ``train --init``).
+    """
+
+    def __init__(self, channels: int, dilation: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        return x + self.conv2(F.silu(self.conv1(x)))
 
 
 def scale_channels(factor: int) -> int:
@@ -194,6 +218,9 @@ class ProgressiveEmitterTransformer(nn.Module):
         self.to_native = nn.Conv2d(e, c * p * p, 1)
         self.unpatch = nn.PixelShuffle(p)
         self.fuse = nn.Conv2d(c, c, 3, padding=1)
+        # dilations 1, 2, 1, 2, ...: alternate fine detail and reach
+        self.refine = nn.ModuleList(RefineBlock(c, dilation=1 + i % 2)
+                                    for i in range(int(getattr(cfg, "refine_blocks", 0))))
         self.background_head = nn.Conv2d(c, 1, 1)
         stages = []
         prev_factor, prev_channels = 1, c
@@ -236,6 +263,8 @@ class ProgressiveEmitterTransformer(nn.Module):
         ctx = self.context(tokens, tokens_q)
         feats = F.silu(self.unpatch(self.to_native(ctx)) + skip)
         feats = feats + F.silu(self.fuse(feats))
+        for block in self.refine:
+            feats = block(feats)
         lvl = level.reshape(-1, 1, 1).float()
         scl = scale.reshape(-1, 1, 1).float()
         bg_norm = self.background_head(feats)[:, 0].float()

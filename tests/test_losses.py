@@ -171,6 +171,23 @@ def test_gmm_loss_prefers_weight_on_true_emitters_and_finds_the_minimum_at_the_e
     assert est_y.item() == pytest.approx(5.6, abs=0.01)
 
 
+@pytest.mark.parametrize("trains_sigma", [True, False])
+def test_gmm_loss_leaves_sigmas_to_the_uncertainty_term_when_asked(trains_sigma):
+    xy = torch.tensor([[[4.3, 6.1]]])
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    maps = claim(make_maps(sigma=0.3), xy.tolist(), 2, offset=(0.1, -0.1))
+    for v in maps.values():
+        v.requires_grad_(True)
+    loc = LocalizationLoss("gmm", photon_weight=0.0, trains_sigma=trains_sigma)
+    loss, _, _ = loc(finish(maps), 2, xy, mask)
+    loss.sum().backward()
+    assert maps["offset_x"].grad.abs().sum() > 0  # offsets learn either way
+    moved = maps["sigma_x"].grad is not None and maps["sigma_x"].grad.abs().sum() > 0
+    assert moved == trains_sigma
+    total = VarEmitterLoss(LossConfig(loc_trains_sigma=trains_sigma), [2, 4, 8])
+    assert total.loc.trains_sigma == trains_sigma
+
+
 def test_gmm_photon_term_prefers_the_true_photon_count():
     factor = 2
     xy = torch.tensor([[[4.0, 4.0]]])

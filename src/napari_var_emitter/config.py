@@ -142,6 +142,11 @@ class LossConfig:
     vq_weight: float = 0.25  # commitment loss of the vector quantiser
     photon_weight: float = 0.1
     background_weight: float = 0.1
+    # gmm mode: whether the mixture likelihood also trains the sigmas. The mixture wants
+    # each pixel's component as wide as that pixel's own error; the decoder reports the
+    # windowed mean, which is more precise, so with both terms on the sigmas the uncertainty
+    # term cannot make them calibrated. false: only the uncertainty term moves them.
+    loc_trains_sigma: bool = True
 
     def validate(self):
         for name in ("count_weight", "loc_weight", "recon_weight", "uncertainty_weight",

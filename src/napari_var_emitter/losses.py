@@ -142,7 +142,9 @@ class LocalizationLoss:
     farther than ``window_px`` input px (plus the pixel) from an emitter are left out of its
     sum: their offsets are bounded to one map pixel, so they can reach it only through a
     huge sigma, and leaving them out keeps the cost at (window)^2 per emitter instead of
-    the whole map (the weights are still normalised over the whole map).
+    the whole map (the weights are still normalised over the whole map). With
+    ``trains_sigma=False`` the sigmas enter as constants (only :class:`UncertaintyLoss`
+    trains them; see ``LossConfig.loc_trains_sigma``).
 
     l2: each true emitter belongs to the map pixel that contains it; squared offset error
     there (in map pixels) plus a detection BCE summed over the map (assigned pixels 1, all
@@ -153,10 +155,12 @@ class LocalizationLoss:
     """
 
     def __init__(self, mode: str = "gmm", photon_weight: float = 0.1,
-                 photon_rel_sigma: float = 0.2, window_px: float = 1.5):
+                 photon_rel_sigma: float = 0.2, window_px: float = 1.5,
+                 trains_sigma: bool = True):
         if mode not in ("gmm", "l2"):
             raise ValueError(f"loc mode must be 'gmm' or 'l2', got {mode!r}")
         self.mode = mode
+        self.trains_sigma = bool(trains_sigma)
         self.photon_weight = float(photon_weight)
         self.photon_rel_sigma = float(photon_rel_sigma)
         self.window_px = float(window_px)
@@ -190,6 +194,8 @@ class LocalizationLoss:
         if use_photons:
             names.append("photons")
         g = gather_maps([log_p] + [maps[k] for k in names], rows, cols)
+        if not self.trains_sigma:  # the component widths are the uncertainty term's business
+            g[3], g[4] = g[3].detach(), g[4].detach()
         mux = pixel_centre(cols, factor) + g[1]
         muy = pixel_centre(rows, factor) + g[2]
         comp = (g[0] - log_norm[:, None, None]
@@ -340,7 +346,8 @@ class VarEmitterLoss:
         self.factors = factors
         self.scale_weights = {f: float(wt) for f, wt in zip(factors, loss_cfg.scale_weights)}
         self.count = CountLoss()
-        self.loc = LocalizationLoss(loss_cfg.loc_mode, photon_weight=loss_cfg.photon_weight)
+        self.loc = LocalizationLoss(loss_cfg.loc_mode, photon_weight=loss_cfg.photon_weight,
+                                    trains_sigma=loss_cfg.loc_trains_sigma)
         self.unc = UncertaintyLoss()
         self.recon = ReconstructionLoss()
 

@@ -105,11 +105,17 @@ def test_fast_path_computes_no_finer_scale_and_no_decoder():
     for name, mod in [("x4", model.transformer.stages[1]), ("x8", model.transformer.stages[2]),
                       ("decoder", model.vqvae.decoder)]:
         mod.register_forward_hook(lambda *a, name=name: calls.append(name))
+    x = 50 + 5 * torch.randn(4, 1, 40, 40)
     with torch.inference_mode():
-        out = model(50 + 5 * torch.randn(4, 1, 40, 40), factors=[2], with_recon=False)
+        out = model(x, factors=[2], with_recon=False)
+        full = model(x, factors=[2], with_recon=True)
     assert list(out["maps"]) == [2]
     assert "recon" not in out and "recon_target" not in out
-    assert calls == []
+    assert calls == ["decoder"]  # only the with_recon call
+    calls.clear()
+    # no VQ training loss on the fast path, and the same maps as with it
+    assert out["vq"]["loss"].item() == 0 and full["vq"]["loss"].item() > 0
+    assert torch.equal(out["maps"][2]["prob"], full["maps"][2]["prob"])
     with torch.inference_mode():
         model(50 + 5 * torch.randn(1, 1, 40, 40), factors=[4], with_recon=True)
     assert sorted(calls) == ["decoder", "x4"]  # x4 needs x2 but never x8

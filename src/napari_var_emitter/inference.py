@@ -146,8 +146,6 @@ def decode_maps(m: dict, f: int, threshold: float) -> list[np.ndarray]:
         return F.avg_pool2d(a[:, None], k, 1, k // 2, count_include_pad=True)[:, 0] * (k * k)
 
     dev = p.device
-    yc = (torch.arange(h, device=dev, dtype=torch.float32)[:, None] + 0.5) / f - 0.5
-    xc = (torch.arange(w, device=dev, dtype=torch.float32)[None, :] + 0.5) / f - 0.5
     mass = window_sum(p)
     # Every window that holds a compact blob whole has the same mass (a plateau): prefer the
     # window centred on the blob (most probability in its central 3x3), then a fixed order.
@@ -158,18 +156,30 @@ def decode_maps(m: dict, f: int, threshold: float) -> list[np.ndarray]:
     peak = (score >= F.max_pool2d(score[:, None], k, 1, k // 2)[:, 0]) & (mass >= threshold)
     n, j, i = torch.nonzero(peak, as_tuple=True)
     norm = mass[n, j, i].clamp_min(1e-12)
+    # Only the windows around the peaks are needed: gather them (a few per tile) instead of
+    # pooling every map over the whole tile (that was a sixth of the end-to-end time).
+    r = k // 2
+    d = torch.arange(-r, r + 1, device=dev)
+    rows = (j[:, None, None] + d[None, :, None]).expand(-1, k, k).reshape(-1, k * k)
+    cols_ = (i[:, None, None] + d[None, None, :]).expand(-1, k, k).reshape(-1, k * k)
+    inside = (rows >= 0) & (rows < h) & (cols_ >= 0) & (cols_ < w)
+    rows, cols_ = rows.clamp(0, h - 1), cols_.clamp(0, w - 1)
+    tile = n[:, None].expand_as(rows)
+    pw = torch.where(inside, p[tile, rows, cols_], torch.zeros((), device=dev))
 
-    def weighted(a):
-        return window_sum(p * a)[n, j, i] / norm
+    def weighted(a, grid=0.0):
+        """Probability-weighted window mean of map ``a`` (plus the pixel-centre ``grid``)."""
+        v = a.float()[tile, rows, cols_] + grid
+        return (pw * torch.where(inside, v, torch.zeros((), device=dev))).sum(1) / norm
 
     cols = {
-        "x": weighted(xc + m["offset_x"].float()),
-        "y": weighted(yc + m["offset_y"].float()),
-        "photons": weighted(m["photons"].float()),
-        "background": weighted(m["background"].float()),
+        "x": weighted(m["offset_x"], (cols_ + 0.5) / f - 0.5),
+        "y": weighted(m["offset_y"], (rows + 0.5) / f - 0.5),
+        "photons": weighted(m["photons"]),
+        "background": weighted(m["background"]),
         "prob": mass[n, j, i].clamp(max=1.0),
-        "unc_x": weighted(m["sigma_x"].float()),
-        "unc_y": weighted(m["sigma_y"].float()),
+        "unc_x": weighted(m["sigma_x"]),
+        "unc_y": weighted(m["sigma_y"]),
     }
     cols = {key: v.cpu().numpy() for key, v in cols.items()}
     n = n.cpu().numpy()

@@ -117,13 +117,14 @@ class VarEmitterNet(nn.Module):
         - ``recon``, ``recon_target``: (B, 1, H, W) reconstructed and true normalised centre
           frame (``asinh`` of the normalised frame); only when ``with_recon``.
 
-        ``factors=[2], with_recon=False`` is the fast inference path: no finer scale and no
-        VQ decoder is computed.
+        ``factors=[2], with_recon=False`` is the fast inference path: no finer scale, no
+        VQ decoder and (in eval mode) no VQ loss is computed.
         """
         factors = self.factors if factors is None else [int(f) for f in factors]
         net_in, level, scale, target = self.normalise(frames)
         skip, tokens = self.vqvae.encode(net_in)
-        tokens_q, vq = self.vqvae.quantize(tokens)
+        # the VQ loss is a training term: the inference fast path does not compute it
+        tokens_q, vq = self.vqvae.quantize(tokens, with_loss=with_recon or self.training)
         out = {"norm_level": level, "norm_scale": scale, "vq": vq}
         if factors:
             use_q = tokens_q if self.vqvae.use_quantization else None

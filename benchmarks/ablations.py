@@ -50,6 +50,8 @@ VARIANTS = {
     "no transformer (0 layers)": {"model": {"num_layers": 0}},
     "context 3 frames": {"model": {"context_frames": 3}},
     "L2 localisation loss": {"loss": {"loc_mode": "l2"}},
+    "2 refine blocks at native resolution": {"model": {"refine_blocks": 2}},
+    "sigmas trained by the uncertainty term only": {"loss": {"loc_trains_sigma": False}},
 }
 
 
@@ -85,7 +87,8 @@ def run_variant(name, changes, steps, movies, workdir):
         fps = len(m.adu) / (time.perf_counter() - t0)
         ev = evaluate_tables(m.table_in_view(), res.localizations, 250.0, 100.0,
                              n_frames=len(m.adu))
-        row[density] = {k: ev[k] for k in ("jaccard", "rmse_nm", "efficiency")}
+        row[density] = {k: ev[k] for k in ("jaccard", "rmse_nm", "efficiency",
+                                           "calibration_x", "calibration_y")}
         row["fps"] = fps
     return row
 
@@ -112,14 +115,18 @@ def main(argv=None):
         f"{a.steps} steps x batch {BASE['training']['batch_size']} on the CPU; held-out "
         "movies: 100 frames of 40x40 at 1 and 3 emitters/um^2.",
         "",
-        "| variant | JI 1/um^2 | RMSE nm | E | JI 3/um^2 | RMSE nm | E | frames/s | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | JI 1/um^2 | RMSE nm | E | calib. x/y | JI 3/um^2 | RMSE nm | E | "
+        "calib. x/y | frames/s | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         a1, a3 = r[1.0], r[3.0]
+        cal1 = f"{a1['calibration_x']:.2f}/{a1['calibration_y']:.2f}"
+        cal3 = f"{a3['calibration_x']:.2f}/{a3['calibration_y']:.2f}"
         lines.append(f"| {r['variant']} | {a1['jaccard']:.3f} | {a1['rmse_nm']:.1f} | "
-                     f"{a1['efficiency']:.1f} | {a3['jaccard']:.3f} | {a3['rmse_nm']:.1f} | "
-                     f"{a3['efficiency']:.1f} | {r['fps']:.0f} | {r['train_s']:.0f} |")
+                     f"{a1['efficiency']:.1f} | {cal1} | {a3['jaccard']:.3f} | "
+                     f"{a3['rmse_nm']:.1f} | {a3['efficiency']:.1f} | {cal3} | {r['fps']:.0f} | "
+                     f"{r['train_s']:.0f} |")
     with open(a.out, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))

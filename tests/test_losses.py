@@ -353,6 +353,27 @@ def test_total_loss_handles_empty_samples_padding_and_nan_padding(mode):
                                                  rel=1e-4)
 
 
+@pytest.mark.parametrize("weighting", ["emitter", "frame"])
+def test_emitter_weighting_gives_sparse_tiles_their_say(weighting):
+    """One emitter in tile 0, four in tile 1 (tile 2 empty): "emitter" averages over the five
+    emitters, "frame" over the two tiles' own means."""
+    out = model_like_output(b=3, factors=(2,), requires_grad=False)
+    nan = float("nan")
+    target = {"xy": torch.tensor([[[3.0, 4.0], [nan, nan], [nan, nan], [nan, nan]],
+                                  [[1.0, 1.0], [3.0, 7.0], [6.0, 2.0], [8.0, 8.0]],
+                                  [[nan, nan]] * 4]),
+              "mask": torch.tensor([[True, False, False, False], [True] * 4, [False] * 4])}
+    cfg = LossConfig(scale_weights=[1.0], emitter_weighting=weighting)
+    _, logs = VarEmitterLoss(cfg, [2])(out, target)
+    per, n, _ = LocalizationLoss("gmm", photon_weight=cfg.photon_weight)(
+        out["maps"][2], 2, torch.nan_to_num(target["xy"]), target["mask"])
+    assert n.tolist() == [1, 4, 0]
+    expected = (per[0] / 1 + per[1] / 4) / 2 if weighting == "frame" else per.sum() / 5
+    assert logs["loc/x2"] == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(Exception, match="emitter_weighting"):
+        LossConfig(emitter_weighting="pixel").validate()
+
+
 def test_total_loss_with_no_emitter_slots_at_all():
     out = model_like_output(factors=(2,))
     target = {"xy": torch.zeros(2, 0, 2), "mask": torch.zeros(2, 0, dtype=torch.bool),

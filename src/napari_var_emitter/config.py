@@ -147,6 +147,11 @@ class LossConfig:
     # windowed mean, which is more precise, so with both terms on the sigmas the uncertainty
     # term cannot make them calibrated. false: only the uncertainty term moves them.
     loc_trains_sigma: bool = True
+    # how the localisation and uncertainty terms average over a batch: "emitter" (every true
+    # emitter counts once, so dense tiles dominate: with densities uniform in 0-5 /um^2 only
+    # 1 % of the emitters are in tiles sparser than 0.5 /um^2) or "frame" (the mean over each
+    # tile's emitters, then over tiles: sparse tiles weigh as much as dense ones)
+    emitter_weighting: str = "emitter"
 
     def validate(self):
         for name in ("count_weight", "loc_weight", "recon_weight", "uncertainty_weight",
@@ -158,6 +163,9 @@ class LossConfig:
             raise ConfigError("loss.scale_weights must be numbers >= 0")
         if self.loc_mode not in ("gmm", "l2"):
             raise ConfigError("loss.loc_mode must be 'gmm' or 'l2'")
+        if self.emitter_weighting not in ("emitter", "frame"):
+            raise ConfigError("loss.emitter_weighting must be 'emitter' or 'frame', got "
+                              f"{self.emitter_weighting!r}")
 
 
 @dataclass

@@ -405,20 +405,30 @@ class VarEmitterLoss:
             photons = photons.float()
             photons = torch.where(mask, photons, torch.ones_like(photons))
         n = mask.float().sum(1)
-        denom = _per_emitter_denominator(n)
+        if cfg.emitter_weighting == "frame":
+            # per-tile means, averaged over the tiles that hold emitters
+            tiles = (n > 0).float()
+
+            def batch_mean(per_sample):
+                return (per_sample * tiles / n.clamp_min(1.0)).sum() / tiles.sum().clamp_min(1.0)
+        else:
+            denom = _per_emitter_denominator(n)
+
+            def batch_mean(per_sample):
+                return per_sample.sum() / denom
         logs = {}
         count = self.count(m["prob"], n).mean()
         logs["count"] = float(count.detach())
         logs["count_mae"] = float((m["prob"].detach().float().sum((1, 2)) - n).abs().mean())
         total = cfg.count_weight * count
         loc_sum, _, extra = self.loc(m, factor, xy, mask, photons)
-        loc = loc_sum.sum() / denom
+        loc = batch_mean(loc_sum)
         logs["loc"] = float(loc.detach())
         logs.update({k: float(v.detach()) for k, v in extra.items()})
         total = total + cfg.loc_weight * loc
         if cfg.uncertainty_weight > 0:
             unc_sum, _ = self.unc(m, factor, xy, mask)
-            unc = unc_sum.sum() / denom
+            unc = batch_mean(unc_sum)
             logs["unc"] = float(unc.detach())
             total = total + cfg.uncertainty_weight * unc
         if target.get("background") is not None and cfg.background_weight > 0:

@@ -51,6 +51,8 @@ def main():
     ap.add_argument("--size", type=int, default=40)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--malloc-tuned", action="store_true")
+    ap.add_argument("--default-config", action="store_true",
+                    help="the default ModelConfig instead of the bundled model's architecture")
     args = ap.parse_args()
     if args.malloc_tuned:
         import ctypes
@@ -61,8 +63,14 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = ModelConfig()
-    model = VarEmitterNet(cfg).eval()
+    if args.default_config:
+        cfg = ModelConfig()
+        model = VarEmitterNet(cfg).eval()
+    else:  # the shipped model (weights do not change the cost, the architecture does)
+        from napari_var_emitter.inference import Predictor
+
+        pred = Predictor.from_pretrained(device="cpu")
+        model, cfg = pred.model.eval(), pred.config.model
     frames = 100 + 10 * torch.randn(args.batch, cfg.context_frames, args.size, args.size)
     fast = dict(factors=[cfg.loc_factor], with_recon=False)
     print(f"threads {torch.get_num_threads()}, params {count_parameters(model):,}")

@@ -103,7 +103,8 @@ def test_inference_run_makes_aligned_layers_and_replaces_them(viewer_with_plugin
     worker.yielded.connect(progress.append)
     _wait(qtbot, widget)
     assert progress and progress[-1].done == 12 and progress[-1].total == 12
-    assert widget.status.value.startswith("done")
+    assert widget.status.value.startswith("done") and widget.status.value.endswith("0.3")
+    assert widget.threshold.value == pytest.approx(0.3)  # the user's own, kept
 
     results = {ly.name: ly for ly in _result_layers(viewer)}
     expected = {f"VAR sparse input probability x{f}" for f in (2, 4, 8)} | {
@@ -328,6 +329,12 @@ def test_bundled_model_finds_the_sparse_emitters(viewer_with_plugin, qtbot):
     widget.run()
     _wait(qtbot, widget, timeout=300_000)
     assert widget.status.value.startswith("done")
+    # the greyed-out threshold box shows the model's calibrated threshold that was used
+    from napari_var_emitter.inference import Predictor
+
+    calibrated = Predictor.from_pretrained(device="cpu").default_threshold
+    assert widget.status.value.endswith(f"threshold {calibrated:.3g}")
+    assert widget.threshold.value == pytest.approx(calibrated)
     truth_layer = viewer.layers["sparse emitters ground truth"]
     peaks = viewer.layers["VAR sparse emitters peaks"]
     from napari_var_emitter._napari.layers import table_from_points

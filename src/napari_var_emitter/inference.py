@@ -54,7 +54,8 @@ class ProgressEvent:
 @dataclass
 class PredictionResult:
     """Localisations (``table.LOC_DTYPE``, input pixels) and, when asked, the maps:
-    ``maps[f][name]`` array-like of shape (T, f*H, f*W) for name in :data:`MAP_NAMES`."""
+    ``maps[f][name]`` array-like of shape (T, f*H, f*W) for name in :data:`MAP_NAMES`;
+    ``threshold`` is the detection threshold the localisations were decoded with."""
 
     localizations: np.ndarray
     shape: tuple
@@ -63,6 +64,7 @@ class PredictionResult:
     loc_factor: int
     maps: dict = field(default_factory=dict)
     camera: Camera = field(default_factory=Camera)
+    threshold: float = 0.5
 
 
 #: detection threshold of a model without a calibrated one
@@ -368,7 +370,8 @@ class Predictor:
             raise
         return PredictionResult(localizations=locs, shape=(t_total, h, w),
                                 pixel_size_nm=float(pixel_size_nm), factors=factors,
-                                loc_factor=self.loc_factor, maps=result_maps, camera=camera)
+                                loc_factor=self.loc_factor, maps=result_maps, camera=camera,
+                                threshold=float(threshold))
 
 
 def _core_window(bounds, k, band):

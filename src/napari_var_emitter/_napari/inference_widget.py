@@ -120,6 +120,7 @@ class InferenceWidget(QWidget):
         self.model_threshold = CheckBox(text="model's calibrated threshold", value=True)
         self.threshold = FloatSpinBox(label="Threshold", min=0.01, max=1.0, step=0.05,
                                       value=0.5, enabled=False)
+        self.threshold.native.setDecimals(3)  # calibrated thresholds come in steps of 0.025
         self.batch_size = SpinBox(label="Batch size", min=1, max=4096, value=32)
         self.show_maps = CheckBox(text="probability maps", value=True)
         self.show_peaks = CheckBox(text="peaks (Points)", value=True)
@@ -341,7 +342,10 @@ class InferenceWidget(QWidget):
         self._runs[geometry.name] = run
         self.last_run = run
         n = len(result.localizations)
-        self.status.value = f"done: {n} localisations in {geometry.n_frames} frame(s)"
+        self.status.value = (f"done: {n} localisations in {geometry.n_frames} frame(s), "
+                             f"threshold {result.threshold:.3g}")
+        if self.model_threshold.value:  # show the calibrated threshold that was used
+            self.threshold.value = result.threshold
         self.export_csv_button.enabled = True
         self.export_hdf5_button.enabled = True
         self.export_maps_button.enabled = maps_h5 is not None

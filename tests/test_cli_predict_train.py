@@ -21,6 +21,7 @@ import tifffile
 import torch
 import yaml
 
+from napari_var_emitter.checkpoint import load_checkpoint
 from napari_var_emitter.cli import main
 
 # single-threaded torch in every child process: on a CPU shared with other jobs OpenMP's
@@ -265,7 +266,34 @@ TORCHRUN_SCRIPT = textwrap.dedent('''
                    "distributed": trainer.distributed}, fh)
     dist.barrier()
     dist.destroy_process_group()
+    # as `var-emitter train` does under torchrun: no interpreter teardown, where gloo's
+    # threads can abort the process (SIGABRT) after everything above has been written
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 ''')
+
+
+def test_var_emitter_train_under_torchrun_exits_cleanly(tmp_path):
+    """The real command line (not a wrapper script) under torchrun: exit status 0 and one
+    set of checkpoints written by rank 0."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({
+        "model": {"input_size": [16, 16], "target_sizes": [[32, 32], [64, 64], [128, 128]],
+                  "base_channels": 8, "embed_dim": 16, "num_heads": 2, "num_layers": 1,
+                  "codebook_size": 16, "code_dim": 8, "vq_scales": [1, 2, 4]},
+        "training": {"num_epochs": 1, "batch_size": 4, "steps_per_epoch": 2, "val_samples": 4,
+                     "warmup_epochs": 1},
+        "simulation": {"frame_size": [16, 16]}}))
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "napari_var_emitter", "train", "--config", str(cfg), "--simulate",
+         "--output_dir", str(out), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    assert load_checkpoint(out / "last_model.pth")["step"] == 2
+    assert (out / "best_model.pth").exists() and (out / "config.json").exists()
 
 
 def test_torchrun_two_cpu_processes_keep_parameters_identical(tmp_path):

@@ -124,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point of ``var-emitter``; returns the exit code."""
     args = build_parser().parse_args(argv)
+    code = _dispatch(args)
+    if argv is None and args.command == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, gloo's worker threads can still be alive while the interpreter
+        # shuts down, and tearing them down then aborts the process ("terminate called
+        # without an active exception", SIGABRT about one run in ten here), which torchrun
+        # reports as a failed run. Everything is written and closed by now (checkpoints
+        # atomically, the TensorBoard writer, the process group): leave without teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _dispatch(args) -> int:
+    """Run the chosen subcommand; errors become one line on stderr and an exit code."""
     try:
         return {"simulate": cmd_simulate, "train": cmd_train, "predict": cmd_predict,
                 "calibrate": cmd_calibrate, "evaluate": cmd_evaluate}[args.command](args)

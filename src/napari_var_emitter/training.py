@@ -15,6 +15,7 @@ of the warm-up; 'step': switched on at once; 'none': all scales from the start).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 from dataclasses import dataclass, field
@@ -227,6 +228,11 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.model is not self.module:
+            # drop the DDP wrapper now: its reducer holds the process group, and one freed
+            # at interpreter exit after the group is destroyed can abort the process (SIGABRT)
+            self.model = self.module
+            gc.collect()
         if self._owns_process_group and torch.distributed.is_initialized():
             # leaving with the group alive can abort the process at exit (gloo threads)
             torch.distributed.barrier()

@@ -162,21 +162,21 @@ def decode_maps(m: dict, f: int, threshold: float) -> list[np.ndarray]:
     # pooling every map over the whole tile (that was a sixth of the end-to-end time).
     r = k // 2
     d = torch.arange(-r, r + 1, device=dev)
-    rows = (j[:, None, None] + d[None, :, None]).expand(-1, k, k).reshape(-1, k * k)
-    cols_ = (i[:, None, None] + d[None, None, :]).expand(-1, k, k).reshape(-1, k * k)
-    inside = (rows >= 0) & (rows < h) & (cols_ >= 0) & (cols_ < w)
-    rows, cols_ = rows.clamp(0, h - 1), cols_.clamp(0, w - 1)
-    tile = n[:, None].expand_as(rows)
-    pw = torch.where(inside, p[tile, rows, cols_], torch.zeros((), device=dev))
+    win_rows = (j[:, None, None] + d[None, :, None]).expand(-1, k, k).reshape(-1, k * k)
+    win_cols = (i[:, None, None] + d[None, None, :]).expand(-1, k, k).reshape(-1, k * k)
+    inside = (win_rows >= 0) & (win_rows < h) & (win_cols >= 0) & (win_cols < w)
+    win_rows, win_cols = win_rows.clamp(0, h - 1), win_cols.clamp(0, w - 1)
+    tile = n[:, None].expand_as(win_rows)
+    pw = torch.where(inside, p[tile, win_rows, win_cols], torch.zeros((), device=dev))
 
     def weighted(a, grid=0.0):
         """Probability-weighted window mean of map ``a`` (plus the pixel-centre ``grid``)."""
-        v = a.float()[tile, rows, cols_] + grid
+        v = a.float()[tile, win_rows, win_cols] + grid
         return (pw * torch.where(inside, v, torch.zeros((), device=dev))).sum(1) / norm
 
     cols = {
-        "x": weighted(m["offset_x"], (cols_ + 0.5) / f - 0.5),
-        "y": weighted(m["offset_y"], (rows + 0.5) / f - 0.5),
+        "x": weighted(m["offset_x"], (win_cols + 0.5) / f - 0.5),
+        "y": weighted(m["offset_y"], (win_rows + 0.5) / f - 0.5),
         "photons": weighted(m["photons"]),
         "background": weighted(m["background"]),
         "prob": mass[n, j, i].clamp(max=1.0),

@@ -274,17 +274,22 @@ TORCHRUN_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_var_emitter_train_under_torchrun_exits_cleanly(tmp_path):
-    """The real command line (not a wrapper script) under torchrun: exit status 0 and one
-    set of checkpoints written by rank 0."""
+def _ddp_config(tmp_path, **training):
+    """A tiny 16x16 model's config.json for the torchrun tests; ``training`` overrides."""
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({
         "model": {"input_size": [16, 16], "target_sizes": [[32, 32], [64, 64], [128, 128]],
                   "base_channels": 8, "embed_dim": 16, "num_heads": 2, "num_layers": 1,
                   "codebook_size": 16, "code_dim": 8, "vq_scales": [1, 2, 4]},
-        "training": {"num_epochs": 1, "batch_size": 4, "steps_per_epoch": 2, "val_samples": 4,
-                     "warmup_epochs": 1},
+        "training": {"batch_size": 4, "warmup_epochs": 1, **training},
         "simulation": {"frame_size": [16, 16]}}))
+    return cfg
+
+
+def test_var_emitter_train_under_torchrun_exits_cleanly(tmp_path):
+    """The real command line (not a wrapper script) under torchrun: exit status 0 and one
+    set of checkpoints written by rank 0."""
+    cfg = _ddp_config(tmp_path, num_epochs=1, steps_per_epoch=2, val_samples=4)
     out = tmp_path / "out"
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -299,14 +304,7 @@ def test_var_emitter_train_under_torchrun_exits_cleanly(tmp_path):
 def test_torchrun_two_cpu_processes_keep_parameters_identical(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(TORCHRUN_SCRIPT)
-    cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({
-        "model": {"input_size": [16, 16], "target_sizes": [[32, 32], [64, 64], [128, 128]],
-                  "base_channels": 8, "embed_dim": 16, "num_heads": 2, "num_layers": 1,
-                  "codebook_size": 16, "code_dim": 8, "vq_scales": [1, 2, 4]},
-        "training": {"num_epochs": 2, "batch_size": 4, "steps_per_epoch": 3, "val_samples": 8,
-                     "warmup_epochs": 1},
-        "simulation": {"frame_size": [16, 16]}}))
+    cfg = _ddp_config(tmp_path, num_epochs=2, steps_per_epoch=3, val_samples=8)
     out = tmp_path / "out"
     results = tmp_path / "results"
     results.mkdir()

@@ -46,12 +46,13 @@ def main(argv=None):
     ap.add_argument("--frames", type=int, default=30, help="frames per movie")
     ap.add_argument("--seed", type=int, default=500)
     a = ap.parse_args(argv)
-    predictors = {c: Predictor.from_pretrained() if c == "bundled" else Predictor.from_checkpoint(c)
-                  for c in a.checkpoints}
-    print("| density | checkpoint | Jaccard | recall | precision | RMSE nm | efficiency | calib. x/y |")
+    predictors = [(c, Predictor.from_pretrained() if c == "bundled"
+                   else Predictor.from_checkpoint(c)) for c in a.checkpoints]
+    print("| density | checkpoint | Jaccard | recall | precision | RMSE nm | efficiency "
+          "| calib. x/y |")
     print("|---|---|---|---|---|---|---|---|")
     for density in (float(v) for v in a.densities.split(",")):
-        truth, locs = [], {c: [] for c in predictors}
+        truth, locs = [], [[] for _ in predictors]
         for k in range(a.movies):
             rng = np.random.default_rng(a.seed + k)
             cam = CAMERAS[k % len(CAMERAS)]
@@ -59,12 +60,12 @@ def main(argv=None):
             t = movie.table_in_view()
             t["frame"] += k * a.frames  # one long pooled movie
             truth.append(t)
-            for c, p in predictors.items():
+            for i, (_, p) in enumerate(predictors):
                 loc = p.predict(movie.adu, camera=cam, maps=False).localizations
                 loc["frame"] += k * a.frames
-                locs[c].append(loc)
-        for c in predictors:
-            ev = evaluate_tables(concat_tables(truth), concat_tables(locs[c]), 250.0, 100.0)
+                locs[i].append(loc)
+        for (c, _), found in zip(predictors, locs):
+            ev = evaluate_tables(concat_tables(truth), concat_tables(found), 250.0, 100.0)
             print(f"| {density:g} | {c} | {ev['jaccard']:.3f} | {ev['recall']:.3f} | "
                   f"{ev['precision']:.3f} | {ev['rmse_nm']:.1f} | {ev['efficiency']:.1f} | "
                   f"{ev['calibration_x']:.2f}/{ev['calibration_y']:.2f} |", flush=True)

@@ -202,3 +202,21 @@ def test_scale_benchmark_runs_and_reports_every_size(tmp_path, untrained_checkpo
         cells = [c.strip() for c in r.strip().strip("|").split("|")]
         assert cells[-1] == "0"  # every run exited 0
         assert float(cells[5]) > 0  # a real peak RSS in MB
+
+
+def test_compare_models_scores_every_checkpoint_on_the_same_movies(capsys, untrained_checkpoint):
+    import compare_models
+
+    ckpt = str(untrained_checkpoint)
+    compare_models.main([ckpt, ckpt, "--densities", "0.5,2", "--movies", "2", "--frames", "3"])
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| 0.5 |") or line.startswith("| 2 |")]
+    assert len(rows) == 4  # two densities x two checkpoints
+    by_density = {}
+    for r in rows:
+        cells = [c.strip() for c in r.strip().strip("|").split("|")]
+        assert 0.0 <= float(cells[2]) <= 1.0  # Jaccard
+        by_density.setdefault(cells[0], []).append(cells[2:])
+    # the same model on the same movies scores the same; other densities are other movies
+    for scores in by_density.values():
+        assert scores[0] == scores[1]

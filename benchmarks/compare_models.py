@@ -9,6 +9,11 @@ density::
     python benchmarks/compare_models.py --densities 0.15,0.5,1 bundled runs/candidate.pth
 
 ``bundled`` means ``Predictor.from_pretrained()``. Every checkpoint sees the same movies.
+``--photons``, ``--background``, ``--sigma`` and ``--camera`` fix what is otherwise drawn per
+movie, e.g. the benchmark's sparse scenario as many independent movies::
+
+    python benchmarks/compare_models.py --densities 0.15 --movies 80 --frames 25 \
+        --photons 500 5000 --background 10 50 --sigma 1.0 1.5 --camera scmos bundled
 """
 
 from __future__ import annotations
@@ -27,15 +32,16 @@ CAMERAS = (Camera(baseline=100, e_per_adu=0.5, qe=0.9, read_noise=1.5),
            Camera(baseline=100, e_per_adu=20, em_gain=200, qe=0.9, read_noise=50))
 
 
-def draw_movie(rng, density: float, n_frames: int, camera: Camera):
+def draw_movie(rng, density: float, n_frames: int, camera: Camera, photons=None,
+               background=None, sigma=None):
     """One movie with its own photons (a 5x range inside 200-10,000), background (a smooth
-    map spanning part of 5-150 photons/px) and PSF sigma (0.8-2.0 px)."""
+    map spanning part of 5-150 photons/px) and PSF sigma (0.8-2.0 px), unless given."""
     ph0 = float(np.exp(rng.uniform(np.log(200), np.log(2000))))
     s0 = float(rng.uniform(0.8, 1.8))
     bg = (float(rng.uniform(5, 50)), float(rng.uniform(60, 150)))
     return simulate_movie(n_frames, (40, 40), rng=rng, density_per_um2=density,
-                          photons=(ph0, 5 * ph0), background=bg, sigma_px=(s0, s0 + 0.2),
-                          camera=camera, highres_factor=None)
+                          photons=photons or (ph0, 5 * ph0), background=background or bg,
+                          sigma_px=sigma or (s0, s0 + 0.2), camera=camera, highres_factor=None)
 
 
 def main(argv=None):
@@ -45,7 +51,16 @@ def main(argv=None):
     ap.add_argument("--movies", type=int, default=40, help="movies per density")
     ap.add_argument("--frames", type=int, default=30, help="frames per movie")
     ap.add_argument("--seed", type=int, default=500)
+    ap.add_argument("--photons", type=float, nargs=2, metavar=("LO", "HI"),
+                    help="photons per emitter (default: a 5x range drawn per movie)")
+    ap.add_argument("--background", type=float, nargs=2, metavar=("LO", "HI"),
+                    help="background photons/px (default: drawn per movie)")
+    ap.add_argument("--sigma", type=float, nargs=2, metavar=("LO", "HI"),
+                    help="PSF sigma in pixels (default: drawn per movie)")
+    ap.add_argument("--camera", choices=("both", "scmos", "emccd"), default="both",
+                    help="sCMOS and EMCCD alternate by default")
     a = ap.parse_args(argv)
+    cameras = {"both": CAMERAS, "scmos": CAMERAS[:1], "emccd": CAMERAS[1:]}[a.camera]
     predictors = [(c, Predictor.from_pretrained() if c == "bundled"
                    else Predictor.from_checkpoint(c)) for c in a.checkpoints]
     print("| density | checkpoint | Jaccard | recall | precision | RMSE nm | efficiency "
@@ -55,8 +70,9 @@ def main(argv=None):
         truth, locs = [], [[] for _ in predictors]
         for k in range(a.movies):
             rng = np.random.default_rng(a.seed + k)
-            cam = CAMERAS[k % len(CAMERAS)]
-            movie = draw_movie(rng, density, a.frames, cam)
+            cam = cameras[k % len(cameras)]
+            movie = draw_movie(rng, density, a.frames, cam, a.photons and tuple(a.photons),
+                               a.background and tuple(a.background), a.sigma and tuple(a.sigma))
             t = movie.table_in_view()
             t["frame"] += k * a.frames  # one long pooled movie
             truth.append(t)

@@ -317,3 +317,31 @@ def test_reconstruction_only_training_on_unlabeled_frames_reduces_the_loss(tmp_p
     assert last < 0.7 * first, (first, last)
     assert val[-1] < val[0], val
     assert (tmp_path / "best_model.pth").exists() and (tmp_path / "last_model.pth").exists()
+
+
+def test_data_workers_feed_training_and_are_released(tmp_path):
+    """num_workers > 0 draws batches in worker processes: training runs, different workers
+    give different batches, and close() ends the processes."""
+    import multiprocessing
+
+    from napari_var_emitter.dataset import training_batches
+
+    cfg = tiny_config(num_epochs=1, steps_per_epoch=4, num_workers=2)
+    data = TrainingData.simulated(cfg)
+    stream = training_batches(data, 4, np.random.default_rng(0), num_workers=2, seed=5)
+    first, second = next(stream), next(stream)
+    assert first.frames.shape == (4, 1, 16, 16) and len(first.tables) == 4
+    assert not np.array_equal(first.frames, second.frames)
+    stream.close()
+
+    trainer = make_trainer(tmp_path, cfg, data)
+    events = list(trainer.events())
+    assert events[-1].kind == "done" and trainer.step == 4
+    assert multiprocessing.active_children()  # the loader's workers are still up...
+    trainer.close()
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+def test_negative_num_workers_is_a_config_error():
+    with pytest.raises(ConfigError, match="num_workers"):
+        tiny_config(num_workers=-1).validate()

@@ -97,6 +97,8 @@ class TrainingConfig:
     val_fraction: float = 0.1
     val_samples: int = 256
     seed: int = 0
+    #: processes drawing training batches ahead of the model (0: drawn in the training
+    #: process, which keeps --resume exact); a few help a GPU when data is simulated
     num_workers: int = 0
     mode: str = "supervised"  # supervised | reconstruction (unlabeled frames)
     #: comma-separated parameter-name prefixes to train, the rest frozen ("" = train all),
@@ -123,6 +125,8 @@ class TrainingConfig:
             raise ConfigError("training.weight_decay and training.grad_clip must be >= 0")
         if self.mixed_precision not in ("auto", "off", "fp16", "bf16"):
             raise ConfigError("training.mixed_precision must be auto, off, fp16 or bf16")
+        if self.num_workers < 0:
+            raise ConfigError(f"training.num_workers must be >= 0, got {self.num_workers}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError("training.val_fraction must be in [0, 1)")
         if self.mode not in ("supervised", "reconstruction"):

@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from .camera import Camera
 from .config import Config
@@ -285,6 +286,46 @@ class TrainingData:
                      labeled=self.labeled)
 
 
+def training_batches(data: "TrainingData", batch_size: int, rng: np.random.Generator,
+                     num_workers: int = 0, seed: int = 0):
+    """Endless iterator of training batches.
+
+    ``num_workers == 0``: drawn here, one after another, from ``rng`` (the trainer saves that
+    generator's state in its checkpoints, so a resumed run sees exactly the batches an
+    uninterrupted one would). ``num_workers > 0``: drawn ahead in that many worker processes
+    (torch's ``DataLoader``) while the model trains, which keeps a GPU busy when simulating a
+    batch costs about as much as a training step. Each worker has its own generator seeded
+    from ``seed`` and the worker's index, so the stream is reproducible for a given seed but
+    not split-exact across a resume (``seed`` should then include the step resumed from).
+    """
+    if num_workers <= 0:
+        while True:
+            yield data.train_batch(batch_size, rng)
+    loader = torch.utils.data.DataLoader(
+        _BatchStream(data, batch_size, seed), batch_size=None, num_workers=num_workers,
+        collate_fn=_as_is, prefetch_factor=4, persistent_workers=False)
+    yield from loader
+
+
+def _as_is(batch):
+    """DataLoader collate function: a :class:`Batch` passes through unchanged."""
+    return batch
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Endless training batches, one generator per worker process."""
+
+    def __init__(self, data, batch_size, seed):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        rng = np.random.default_rng([int(self.seed), worker])
+        while True:
+            yield self.data.train_batch(self.batch_size, rng)
+
+
 class _HighresStack(_Stack):
     """Binned noise-free photon frames: the camera model is applied per draw."""
 
@@ -358,8 +399,6 @@ def _tiff_kind(path, shape, tiff_px, data_cfg) -> str:
 def collate_targets(batch: Batch, device=None):
     """Padded torch target tensors for the loss: ``xy`` (B, N, 2), ``photons`` (B, N),
     ``mask`` (B, N) and ``background`` (B, H, W) or None."""
-    import torch
-
     b = len(batch.tables)
     n = max([len(t) for t in batch.tables] + [1])
     xy = np.zeros((b, n, 2), np.float32)

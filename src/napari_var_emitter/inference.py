@@ -140,6 +140,14 @@ def decode_maps(m: dict, f: int, threshold: float) -> list[np.ndarray]:
     means of the per-pixel predictions (pixel centre ``(j + 0.5)/f - 0.5`` plus offset)
     within the window.
     """
+    table, tile = decode_maps_table(m, f, threshold)
+    edges = np.searchsorted(tile, np.arange(m["prob"].shape[0] + 1))
+    return [table[a:b].copy() for a, b in zip(edges[:-1], edges[1:])]
+
+
+def decode_maps_table(m: dict, f: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`decode_maps` as one table for all tiles, ordered by tile, and each row's tile
+    index (what long stacks need: no Python work per tile)."""
     p = m["prob"].float()
     n_tiles, h, w = p.shape
     k = 2 * f + 1
@@ -183,19 +191,13 @@ def decode_maps(m: dict, f: int, threshold: float) -> list[np.ndarray]:
         "unc_x": weighted(m["sigma_x"]),
         "unc_y": weighted(m["sigma_y"]),
     }
-    cols = {key: v.cpu().numpy() for key, v in cols.items()}
-    n = n.cpu().numpy()
-    out = []
-    by_tile = np.argsort(n, kind="stable")
-    edges = np.searchsorted(n[by_tile], np.arange(n_tiles + 1))
-    for t_idx in range(n_tiles):
-        sel = by_tile[edges[t_idx]:edges[t_idx + 1]]
-        t = empty_table(len(sel))
-        for name, v in cols.items():
-            t[name] = v[sel]
-        t["sigma"] = np.nan
-        out.append(t)
-    return out
+    values = torch.stack(list(cols.values())).cpu().numpy()  # one transfer from a GPU
+    table = empty_table(len(n))
+    for key, v in zip(cols, values):
+        table[key] = v
+    table["sigma"] = np.nan
+    # torch.nonzero lists the peaks in row-major order: already grouped by tile
+    return table, n.cpu().numpy()
 
 
 class Predictor:
@@ -323,29 +325,12 @@ class Predictor:
                         for m in out.values():
                             m["sigma_x"] = m["sigma_x"] * sigma_scale[0]
                             m["sigma_y"] = m["sigma_y"] * sigma_scale[1]
-                tile_tables = decode_maps(out[self.loc_factor], self.loc_factor, threshold)
-                band = min(BORDER_BAND_PX, float(margin))
-                per_frame: dict[int, list] = {}
-                for (ti, ky, kx), tab in zip(where, tile_tables):
-                    r0, c0 = ys[ky], xs[kx]
-                    tab["x"] += c0
-                    tab["y"] += r0
-                    ya, yb = _core_window(ybounds, ky, band)
-                    xa, xb = _core_window(xbounds, kx, band)
-                    tab = tab[(tab["y"] >= ya) & (tab["y"] < yb)
-                              & (tab["x"] >= xa) & (tab["x"] < xb)]
-                    own = ((tab["y"] >= ybounds[ky] - 0.5) & (tab["y"] < ybounds[ky + 1] - 0.5)
-                           & (tab["x"] >= xbounds[kx] - 0.5) & (tab["x"] < xbounds[kx + 1] - 0.5))
-                    tab["frame"] = t0 + ti
-                    per_frame.setdefault(ti, []).append((tab, own, ky * len(xs) + kx))
-                # one table per batch, each frame's rows ordered by (y, x): the batches come
-                # in frame order, so the final table needs no global sort (and long stacks
-                # keep a few thousand arrays, not one per frame)
-                batch = [_sort_frame(merge_tile_detections(per_frame[ti]))
-                         for ti in sorted(per_frame)]
-                if batch:
-                    tables.append(concat_tables(batch))
-                    n_locs += len(tables[-1])
+                batch = _place_detections(
+                    *decode_maps_table(out[self.loc_factor], self.loc_factor, threshold),
+                    where, ys, xs, ybounds, xbounds, min(BORDER_BAND_PX, float(margin)), t0)
+                if len(batch):
+                    tables.append(batch)
+                    n_locs += len(batch)
                 if maps:
                     stitched = _stitch_maps(out, factors, t1 - t0, where, ys, xs, ybounds,
                                             xbounds, h, w)
@@ -374,23 +359,47 @@ class Predictor:
                                 threshold=float(threshold))
 
 
-def _core_window(bounds, k, band):
-    """Coordinate interval ``[lo, hi)`` of core ``k`` widened by ``band`` on inner borders
-    (never beyond the frame's own edges)."""
-    lo = bounds[k] - 0.5 - (band if k > 0 else 0.0)
-    hi = bounds[k + 1] - 0.5 + (band if k < len(bounds) - 2 else 0.0)
-    return lo, hi
+def _place_detections(table, tile, where, ys, xs, ybounds, xbounds, band, t0):
+    """Tile detections -> one frame-coordinate table for a batch of frames, each emitter once,
+    ordered by (frame, y, x).
+
+    ``tile`` is each row's tile index, ``where[tile] = (frame in batch, ky, kx)``. A tile keeps
+    the detections in its core, widened by ``band`` across inner borders; twins found by two
+    tiles near a border are merged by :func:`merge_frame_detections`. The rows come grouped
+    by frame, so batches in frame order need no global sort.
+    """
+    where = np.asarray(where, dtype=np.intp).reshape(-1, 3)
+    ti, ky, kx = where[tile].T
+    ys, xs = np.asarray(ys), np.asarray(xs)
+    yb, xb = np.asarray(ybounds, float), np.asarray(xbounds, float)
+    table["x"] += xs[kx]
+    table["y"] += ys[ky]
+    y, x = table["y"], table["x"]
+    # a tile's core: [bounds[k], bounds[k + 1]) in pixel centres, widened by the band on inner
+    # borders only (never beyond the frame's own edges)
+    inner_lo_y, inner_hi_y = ky > 0, ky < len(ys) - 1
+    inner_lo_x, inner_hi_x = kx > 0, kx < len(xs) - 1
+    keep = ((y >= yb[ky] - 0.5 - band * inner_lo_y) & (y < yb[ky + 1] - 0.5 + band * inner_hi_y)
+            & (x >= xb[kx] - 0.5 - band * inner_lo_x) & (x < xb[kx + 1] - 0.5 + band * inner_hi_x))
+    own = ((y >= yb[ky] - 0.5) & (y < yb[ky + 1] - 0.5)
+           & (x >= xb[kx] - 0.5) & (x < xb[kx + 1] - 0.5))
+    table, own, tile, ti = table[keep], own[keep], tile[keep], ti[keep]
+    table["frame"] = t0 + ti
+    if len(ys) * len(xs) > 1 and len(table) > 1:
+        # rows are grouped by frame (tiles are numbered frame by frame)
+        starts = np.flatnonzero(np.r_[True, ti[1:] != ti[:-1], True])
+        keep = np.ones(len(table), bool)
+        for a, b in zip(starts[:-1], starts[1:]):
+            if tile[a] != tile[b - 1]:  # detections from more than one tile
+                keep[a:b] = merge_frame_detections(table[a:b], own[a:b], tile[a:b])
+        table = table[keep]
+    return table[np.lexsort((table["x"], table["y"], table["frame"]))]
 
 
 def merge_tile_detections(parts, radius: float = DUPLICATE_RADIUS_PX) -> np.ndarray:
     """One frame's detections from several tiles -> one table, each emitter once.
 
-    ``parts`` is a list of ``(table, own, tile_id)``: ``own`` marks the detections that lie
-    in their tile's core. Detections from *different* tiles closer than ``radius`` are the
-    same emitter seen twice near a border; the one in its own tile's core wins (then the
-    more probable). A detection outside its core with no twin is kept: the tile that owns
-    that place missed it (or put it on the other side), and the detection is still at
-    least ``margin - band`` pixels from its tile's cut edge.
+    ``parts`` is a list of ``(table, own, tile_id)``; see :func:`merge_frame_detections`.
     """
     parts = [p for p in parts if len(p[0])]
     if not parts:
@@ -398,29 +407,42 @@ def merge_tile_detections(parts, radius: float = DUPLICATE_RADIUS_PX) -> np.ndar
     tab = concat_tables([p[0] for p in parts])
     own = np.concatenate([np.asarray(p[1], bool) for p in parts])
     src = np.concatenate([np.full(len(p[0]), p[2]) for p in parts])
-    if len(parts) == 1 or len(tab) < 2:
-        return tab
+    return tab[merge_frame_detections(tab, own, src, radius)]
+
+
+def merge_frame_detections(tab, own, src, radius: float = DUPLICATE_RADIUS_PX) -> np.ndarray:
+    """Which of one frame's detections to keep (a boolean mask), each emitter once.
+
+    ``src`` is each detection's tile and ``own`` marks the detections that lie in their
+    tile's core. Detections from *different* tiles closer than ``radius`` are the same
+    emitter seen twice near a border; the one in its own tile's core wins (then the more
+    probable). A detection outside its core with no twin is kept: the tile that owns that
+    place missed it (or put it on the other side), and the detection is still at least
+    ``margin - band`` pixels from its tile's cut edge.
+    """
+    keep = np.ones(len(tab), bool)
+    if len(tab) < 2 or np.all(src == src[0]):
+        return keep
     from scipy.spatial import cKDTree
 
     xy = np.stack([tab["x"], tab["y"]], axis=1)
     pairs = cKDTree(xy).query_pairs(radius, output_type="ndarray")
     pairs = pairs[src[pairs[:, 0]] != src[pairs[:, 1]]] if len(pairs) else pairs
     if not len(pairs):
-        return tab
+        return keep
     neighbours: dict[int, list[int]] = {}
     for i, j in pairs:
         neighbours.setdefault(int(i), []).append(int(j))
         neighbours.setdefault(int(j), []).append(int(i))
-    keep = np.ones(len(tab), bool)
     decided = np.zeros(len(tab), bool)
     # own-core detections first, then by probability: greedy suppression of cross-tile twins
-    for i in np.lexsort((-tab["prob"], ~own)):
+    for i in np.lexsort((-tab["prob"], ~np.asarray(own, bool))):
         if i not in neighbours:
             continue
         if any(decided[j] and keep[j] for j in neighbours[i]):
             keep[i] = False
         decided[i] = True
-    return tab[keep]
+    return keep
 
 
 def run_to_end(gen):
@@ -462,15 +484,16 @@ def _cut_tiles(photons, a, b, ctx, ys, xs, th, tw):
         padded[:, :h, :w] = photons
         photons = padded
     half = ctx // 2
-    tiles, where = [], []
-    for ti in range(a, b):
-        idx = np.clip(np.arange(ti - half, ti + half + 1), 0, t - 1)
-        frames = photons[idx]
-        for ky, r0 in enumerate(ys):
-            for kx, c0 in enumerate(xs):
-                tiles.append(frames[:, r0:r0 + th, c0:c0 + tw])
-                where.append((ti - a, ky, kx))
-    return np.ascontiguousarray(np.stack(tiles), dtype=np.float32), where
+    frame_idx = np.arange(a, b)
+    idx = np.clip(frame_idx[:, None] + np.arange(-half, half + 1)[None, :], 0, t - 1)
+    frames = photons[idx]  # (frames, ctx, H, W)
+    # tile order: frame by frame, then row by row of tiles (what the decoders rely on)
+    tiles = np.stack([frames[:, :, r0:r0 + th, c0:c0 + tw] for r0 in ys for c0 in xs], axis=1)
+    tiles = tiles.reshape(-1, ctx, th, tw)
+    ti, ky, kx = np.meshgrid(frame_idx - a, np.arange(len(ys)), np.arange(len(xs)),
+                             indexing="ij")
+    where = np.stack([ti.ravel(), ky.ravel(), kx.ravel()], axis=1)
+    return np.ascontiguousarray(tiles, dtype=np.float32), where
 
 
 def _stitch_maps(out, factors, n_frames, where, ys, xs, ybounds, xbounds, h, w):
@@ -496,11 +519,6 @@ def _stitch_maps(out, factors, n_frames, where, ys, xs, ybounds, xbounds, h, w):
                 frame_maps[k][undefined] = np.nan
         res[f] = frame_maps
     return res
-
-
-def _sort_frame(t):
-    """One frame's detections ordered by (y, x)."""
-    return t[np.lexsort((t["x"], t["y"]))] if len(t) > 1 else t
 
 
 def render_super_resolution(table, shape, pixel_size_nm: float, render_px_nm: float = 10.0,

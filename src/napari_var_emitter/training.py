@@ -25,7 +25,7 @@ import torch
 
 from .checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
-from .dataset import TrainingData, collate_targets
+from .dataset import TrainingData, collate_targets, training_batches
 from .errors import CheckpointError, ConfigError, OutputError, VarEmitterError
 from .inference import decode_maps, resolve_device
 
@@ -125,6 +125,7 @@ class Trainer:
         self.amp_dtype = self._amp_dtype(tr.mixed_precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.step = 0
+        self._batches = None  # training_batches(), started at the first step
         self.best_metric = -math.inf
         self.history: list[dict] = []
         self._bad_steps = 0
@@ -224,7 +225,11 @@ class Trainer:
                 self.writer.flush()
 
     def close(self) -> None:
-        """Release the TensorBoard writer (and the process group when distributed)."""
+        """Release the TensorBoard writer, the data workers and (when distributed) the
+        process group."""
+        if self._batches is not None:
+            self._batches.close()  # ends DataLoader worker processes, if any
+            self._batches = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -274,8 +279,14 @@ class Trainer:
                 params = list(m.parameters())
                 if params and not any(p.requires_grad for p in params):
                     m.eval()
-        batch = self.data.train_batch(tr.batch_size, self.rng)
-        x = torch.from_numpy(batch.frames).to(self.device)
+        if self._batches is None:
+            # workers draw from their own generators, seeded by the step so that a resumed
+            # run does not replay the batches it already trained on
+            self._batches = training_batches(
+                self.data, tr.batch_size, self.rng, tr.num_workers,
+                seed=tr.seed + 1000 * self.rank + 7919 * self.step)
+        batch = next(self._batches)
+        x = torch.from_numpy(batch.frames).to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         # the VQ codebook moves by EMA inside forward; keep a copy so that a step whose
         # loss turns out non-finite leaves no trace in the model (cheap: a few small buffers)

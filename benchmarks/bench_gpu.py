@@ -50,7 +50,7 @@ def _sync():
 
 def _reset_peak():
     if DEVICE == "cuda":
-        _reset_peak()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _peak_mb() -> float:
@@ -126,7 +126,7 @@ def predict_end_to_end(adu: np.ndarray, n_frames: int, batches, workdir: str) ->
             out = os.path.join(workdir, f"out_{n}_{b}")
             cmd = rb.cli_command(tifs[n], out, None, rb.SCMOS) + [
                 "--device", DEVICE, "--batch-size", str(b)]
-            r = rb.run_measured(cmd, os.path.join(workdir, f"e2e_{n}_{b}.log"))
+            r = rb.run_measured(cmd, os.path.join(workdir, f"e2e_{n}_{b}.log"), poll_s=0.02)
             if r["rc"] != 0:
                 with open(os.path.join(workdir, f"e2e_{n}_{b}.log")) as f:
                     print(f.read()[-3000:], flush=True)
@@ -218,6 +218,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train-steps", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="fewer settings (a smoke run)")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--sections", default="model,predict,end_to_end,training",
+                    help="comma-separated subset of the four measurements")
     a = ap.parse_args(argv)
     global DEVICE
     DEVICE = a.device
@@ -240,14 +242,20 @@ def main(argv=None) -> int:
     reps = -(-a.frames // 2000)
     adu = np.concatenate([movie.adu] * reps)[:a.frames]
     quick = a.quick
-    res["model_only"] = model_only((256, 1024) if quick else (256, 1024, 4096), 5 if quick else 20)
-    res["predict"] = predict_in_process(adu, (64, 1024) if quick else (64, 1024, 8192))
+    sections = set(a.sections.split(","))
+    res["model_only"] = res["predict"] = res["end_to_end"] = res["training"] = []
+    if "model" in sections:
+        res["model_only"] = model_only((256, 1024) if quick else (256, 1024, 4096),
+                                       5 if quick else 20)
+    if "predict" in sections:
+        res["predict"] = predict_in_process(adu, (64, 1024) if quick else (64, 1024, 8192))
     with tempfile.TemporaryDirectory() as work:
-        res["end_to_end"] = predict_end_to_end(movie.adu, a.e2e_frames,
-                                               (64, 1024), work)
-        settings = ([(64, 0), (64, 2)] if quick else
-                    [(256, 0), (256, 8), (512, 8), (1024, 12)])
-        res["training"] = training_speed(settings, a.train_steps, work)
+        if "end_to_end" in sections:
+            res["end_to_end"] = predict_end_to_end(movie.adu, a.e2e_frames, (64, 1024), work)
+        if "training" in sections:
+            settings = ([(64, 0), (64, 2)] if quick else
+                        [(256, 0), (256, 8), (512, 8), (1024, 12)])
+            res["training"] = training_speed(settings, a.train_steps, work)
     text = report(res)
     with open(a.out, "w") as f:
         f.write(text)

@@ -145,6 +145,34 @@ def test_ome_tiff_pixel_size_and_squeeze(tmp_path, movie):
         np.testing.assert_array_equal(st[6], movie[6])
 
 
+@pytest.mark.parametrize("layout", ["plain", "imagej-hyperstack", "ome", "rgb", "tc"])
+def test_reading_works_with_tifffile_releases_without_get_shape(tmp_path, movie, monkeypatch,
+                                                                 layout):
+    """tifffile 2026.9 dropped TiffPageSeries.get_shape/get_axes (seen on a GPU machine:
+    every TIFF failed to open); the reader falls back to the series' own shape and axes."""
+    monkeypatch.delattr(tifffile.TiffPageSeries, "get_shape")
+    monkeypatch.delattr(tifffile.TiffPageSeries, "get_axes")
+    p = tmp_path / f"{layout}.tif"
+    if layout == "plain":
+        tifffile.imwrite(p, movie, photometric="minisblack")
+    elif layout == "imagej-hyperstack":
+        tifffile.imwrite(p, movie[:, None, None], imagej=True, metadata={"axes": "TZCYX"})
+    elif layout == "ome":
+        tifffile.imwrite(p, movie[:, None, None], ome=True, metadata={"axes": "TCZYX"})
+    elif layout == "rgb":
+        tifffile.imwrite(p, np.zeros((10, 8, 3), np.uint8), photometric="rgb")
+        assert "samples per pixel" in _error_of(p)
+        return
+    else:
+        tifffile.imwrite(p, np.zeros((3, 2, 5, 6), np.uint16), imagej=True,
+                         metadata={"axes": "TCYX"})
+        assert "more than one axis" in _error_of(p)
+        return
+    with open_stack(p) as st:
+        assert st.shape == (7, 12, 9)
+        np.testing.assert_array_equal(st[:], movie)
+
+
 def test_external_deepstorm_stack():
     if not os.path.exists(DEEPSTORM_TIF):
         pytest.skip("external Deep-STORM demo stack not present in shared/data")

@@ -327,9 +327,13 @@ class Trainer:
             return {"loss": float(total.detach()), "skipped": 1.0,
                     "lr": self.optimizer.param_groups[0]["lr"]}
         self._bad_steps = 0
+        scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        # fp16: the scaler skips a step whose gradients overflowed (and lowers its scale);
+        # the learning-rate schedule follows the steps actually taken
+        if not self.scaler.is_enabled() or self.scaler.get_scale() >= scale:
+            self.scheduler.step()
         logs = {k: float(v) for k, v in logs.items()}
         logs["loss"] = float(total.detach())
         logs["lr"] = self.optimizer.param_groups[0]["lr"]

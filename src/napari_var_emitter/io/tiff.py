@@ -147,8 +147,7 @@ class TiffStack:
             dtype = np.dtype(np.uint8)
         self.dtype = dtype
 
-        full_shape = tuple(int(n) for n in series.get_shape(False))
-        full_axes = series.get_axes(False)
+        full_shape, full_axes = _expanded_shape_axes(series)
         if any(n == 0 for n in full_shape):
             raise _err(self.path, f"TIFF image has zero size ({'x'.join(map(str, full_shape))})")
         sizes = dict(zip(full_axes, full_shape))
@@ -174,7 +173,7 @@ class TiffStack:
         file_size = os.path.getsize(self.path)
         frame_bytes = height * width * self.dtype.itemsize
         offset = None
-        if not series.is_multifile:
+        if not getattr(series, "is_multifile", False):
             try:
                 offset = series.dataoffset
             except Exception:  # noqa: BLE001 - a corrupt page table means "not contiguous"
@@ -544,3 +543,13 @@ def write_tiff(path: str | os.PathLike, array, pixel_size_nm: float | None = Non
         tifffile.imwrite(tmp, data, **kwargs)
     return path
 
+
+def _expanded_shape_axes(series) -> tuple[tuple, str]:
+    """A series' shape and axes with length-1 axes kept (``get_shape(False)`` in tifffile up
+    to 2026.3; later releases dropped those methods, so fall back to the squeezed shape,
+    which the checks above handle the same way)."""
+    if hasattr(series, "get_shape") and hasattr(series, "get_axes"):
+        shape, axes = series.get_shape(False), series.get_axes(False)
+    else:
+        shape, axes = series.shape, series.axes
+    return tuple(int(n) for n in shape), str(axes)

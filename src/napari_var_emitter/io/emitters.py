@@ -488,17 +488,19 @@ def write_emitter_h5(path: str | os.PathLike, table, pixel_size_nm: float) -> st
     return path
 
 
-def _fmt_column(values: np.ndarray, fmt: str) -> list[str]:
-    # Java's Double.parseDouble (ThunderSTORM) reads "NaN"/"Infinity", not Python's "nan"/"inf"
-    out = []
-    for v in values.tolist():
-        if v != v:
-            out.append("NaN")
-        elif v in (float("inf"), float("-inf")):
-            out.append("Infinity" if v > 0 else "-Infinity")
-        else:
-            out.append(fmt % v)
-    return out
+def _csv_column(values: np.ndarray, fmt: str) -> tuple[list, str]:
+    """A column as row-format input: its values and their ``%`` format, or, when some are
+    not finite, ready-made strings and ``%s`` (Java's Double.parseDouble, which ThunderSTORM
+    uses, reads "NaN"/"Infinity", not Python's "nan"/"inf")."""
+    values = np.asarray(values, dtype=float)
+    finite = np.isfinite(values)
+    if finite.all():
+        return values.tolist(), fmt
+    out = np.where(np.isnan(values), "NaN", np.where(values > 0, "Infinity", "-Infinity"))
+    out = out.astype(object)
+    idx = np.flatnonzero(finite)
+    out[idx] = [fmt % v for v in values[idx].tolist()]
+    return out.tolist(), "%s"
 
 
 def write_thunderstorm_csv(path: str | os.PathLike, table, pixel_size_nm: float,
@@ -508,8 +510,8 @@ def write_thunderstorm_csv(path: str | os.PathLike, table, pixel_size_nm: float,
     ``id`` and ``frame`` are 1-based; positions in nm from the top-left corner; sigma and
     uncertainties converted from pixels; ``offset`` = background, ``bkgstd`` =
     sqrt(background) (Poisson); ``uncertainty [nm]`` = sqrt((ux^2 + uy^2) / 2).
-    Rows are formatted ``chunk_rows`` at a time: each row is a dozen Python strings, so
-    memory stays bounded (~15 MB) however long the table.
+    Rows are formatted ``chunk_rows`` at a time, so memory stays bounded (~15 MB) however
+    long the table.
     """
     path = os.fspath(path)
     px = _check_px(pixel_size_nm)
@@ -525,20 +527,22 @@ def write_thunderstorm_csv(path: str | os.PathLike, table, pixel_size_nm: float,
                     bkgstd = np.where(bg >= 0, np.sqrt(np.abs(bg)), np.nan)
                     unc = np.sqrt((c["unc_x"] ** 2 + c["unc_y"] ** 2) / 2) * px
                 cols = [
-                    [str(i) for i in range(start + 1, start + len(c) + 1)],
-                    [str(int(f) + 1) for f in c["frame"].tolist()],
-                    _fmt_column((c["x"] + 0.5) * px, "%.4f"),
-                    _fmt_column((c["y"] + 0.5) * px, "%.4f"),
-                    _fmt_column(c["sigma"] * px, "%.4f"),
-                    _fmt_column(c["photons"], "%.4f"),
-                    _fmt_column(bg, "%.5f"),
-                    _fmt_column(bkgstd, "%.5f"),
-                    _fmt_column(unc, "%.4f"),
-                    _fmt_column(c["prob"], "%.6f"),
-                    _fmt_column(c["unc_x"] * px, "%.4f"),
-                    _fmt_column(c["unc_y"] * px, "%.4f"),
+                    (list(range(start + 1, start + len(c) + 1)), "%d"),
+                    ((c["frame"].astype(np.int64) + 1).tolist(), "%d"),
+                    _csv_column((c["x"] + 0.5) * px, "%.4f"),
+                    _csv_column((c["y"] + 0.5) * px, "%.4f"),
+                    _csv_column(c["sigma"] * px, "%.4f"),
+                    _csv_column(c["photons"], "%.4f"),
+                    _csv_column(bg, "%.5f"),
+                    _csv_column(bkgstd, "%.5f"),
+                    _csv_column(unc, "%.4f"),
+                    _csv_column(c["prob"], "%.6f"),
+                    _csv_column(c["unc_x"] * px, "%.4f"),
+                    _csv_column(c["unc_y"] * px, "%.4f"),
                 ]
-                fh.write("".join(",".join(row) + "\n" for row in zip(*cols)))
+                # one %-format per row instead of one per value: about twice as fast
+                row = ",".join(f for _, f in cols) + "\n"
+                fh.write("".join(map(row.__mod__, zip(*(v for v, _ in cols)))))
     return path
 
 

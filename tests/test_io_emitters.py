@@ -344,7 +344,7 @@ def test_writers_are_atomic(tmp_path, table, monkeypatch):
     write_thunderstorm_csv(p, table, 100.0)
     before = p.read_bytes()
     calls = {"n": 0}
-    real = emod._fmt_column
+    real = emod._csv_column
 
     def failing(values, fmt):
         calls["n"] += 1
@@ -352,7 +352,7 @@ def test_writers_are_atomic(tmp_path, table, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(values, fmt)
 
-    monkeypatch.setattr(emod, "_fmt_column", failing)
+    monkeypatch.setattr(emod, "_csv_column", failing)
     from napari_var_emitter.errors import OutputError
     with pytest.raises(OutputError, match="disk full"):
         write_thunderstorm_csv(p, table, 100.0, chunk_rows=2)

@@ -57,6 +57,7 @@ def test_evaluate_prints_one_json_object(tmp_path, capsys):
     (["simulate", "--out", "x", "--density", "-1"], "density"),
     (["predict", "--output_dir", "x"], "no input"),
     (["predict", "nope.tif", "--output_dir", "x"], "nope.tif"),
+    (["predict", "nope.tif", "--output_dir", "x", "--batch-size", "0"], "--batch_size"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, args, words):

@@ -290,3 +290,10 @@ def test_bundled_model_maps_at_every_scale_locate_the_emitters():
             t["frame"] = frame
         ev = evaluate_tables(movie.table_in_view(), concat_tables(tables))
         assert ev["jaccard"] > 0.6, (f, ev["jaccard"])
+
+
+def test_default_batch_size_is_small_on_a_cpu_and_large_on_a_gpu():
+    from napari_var_emitter.inference import default_batch_size
+
+    assert default_batch_size("cpu") == 64
+    assert default_batch_size(torch.device("cuda", 0)) == 1024

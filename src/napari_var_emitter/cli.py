@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(r, "output_dir", required=True)
     _opt(r, "checkpoint", help="model checkpoint (default: the bundled model)")
     _opt(r, "config", help="config.json beside the checkpoint (checked for consistency)")
-    _opt(r, "batch_size", type=int, default=64)
+    _opt(r, "batch_size", type=int, default=None,
+         help="frames per forward pass (default 64 on a CPU, 1024 on a GPU, where larger "
+              "batches are 2.3x faster)")
     _opt(r, "device", default="auto")
     _opt(r, "pixel-size", type=float, default=None, help="nm (default: from the TIFF or 100)")
     _camera_opts(r)
@@ -308,7 +310,7 @@ def _cmd_predict(a) -> int:
             raise InputFileError(a.input_dir, "no .tif/.tiff files in this folder")
     if not inputs:
         raise ConfigError("no input: give TIFF files or --input_dir")
-    if a.batch_size < 1:
+    if a.batch_size is not None and a.batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {a.batch_size}")
     if a.threshold is not None and not 0 < a.threshold <= 1:
         raise ConfigError(f"--threshold must be in (0, 1], got {a.threshold}")
@@ -385,6 +387,7 @@ def _write_sample(a) -> str:
 def _predict_one(a, predictor, camera, path, stem, interrupts) -> None:
     """Localise one input into ``OUT/STEM/``: written in a hidden temporary folder that is
     renamed into place only when every output is complete (or removed on any failure)."""
+    from .inference import default_batch_size
     from .io.tiff import open_stack
     from .outputs import write_figures, write_tables
 
@@ -412,7 +415,8 @@ def _predict_one(a, predictor, camera, path, stem, interrupts) -> None:
                      "input": os.path.abspath(path)}
             gen = predictor.predict_iter(
                 stack, camera=camera, pixel_size_nm=px, threshold=a.threshold,
-                batch_size=a.batch_size, maps=not a.no_maps, name=path,
+                batch_size=a.batch_size or default_batch_size(predictor.device),
+                maps=not a.no_maps, name=path,
                 maps_h5=None if a.no_maps else os.path.join(tmp, "predictions.h5"),
                 h5_attrs=attrs, cancel=interrupts.check)
             bar = _progress_bar(len(stack), 0, True)

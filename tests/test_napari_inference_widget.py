@@ -81,6 +81,10 @@ def test_dock_widget_prefills_from_the_layer(viewer_with_plugin):
     # result layers and RGB images are not offered as inputs
     names = [name for name, _ in widget._image_layers()]
     assert "sparse input" in names and "sparse emitters" in names
+    # the batch follows the device: the command line's defaults (no GPU on CI: 64)
+    widget.batch_size.value = 7
+    widget.device.value = "cpu"
+    assert widget.batch_size.value == 64
 
 
 def test_inference_run_makes_aligned_layers_and_replaces_them(viewer_with_plugin, qtbot,

@@ -297,3 +297,18 @@ def test_default_batch_size_is_small_on_a_cpu_and_large_on_a_gpu():
 
     assert default_batch_size("cpu") == 64
     assert default_batch_size(torch.device("cuda", 0)) == 1024
+
+
+def test_each_torchrun_rank_gets_its_own_gpu(monkeypatch):
+    from napari_var_emitter.inference import process_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert process_device("auto") == "cuda:1" and process_device("cuda") == "cuda:1"
+    assert process_device("cpu") == "cpu" and process_device("cuda:3") == "cuda:3"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert process_device("auto") == "auto"  # not under torchrun: unchanged
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert process_device("auto") == "auto"  # one GPU: every rank shares it

@@ -296,7 +296,7 @@ def _cmd_predict(a) -> int:
     from .camera import Camera
     from .config import load_config
     from .errors import ConfigError, InputFileError
-    from .inference import Predictor
+    from .inference import Predictor, process_device
 
     inputs = list(a.inputs)
     if a.sample:
@@ -322,8 +322,9 @@ def _cmd_predict(a) -> int:
             raise InputFileError(p, "no such file")
     camera = Camera(baseline=a.baseline, e_per_adu=a.e_per_adu, em_gain=a.em_gain, qe=a.qe)
     _check_writable(a.output_dir)
-    predictor = (Predictor.from_checkpoint(a.checkpoint, device=a.device) if a.checkpoint
-                 else Predictor.from_pretrained(device=a.device))
+    device = process_device(a.device)  # under torchrun: one GPU per rank
+    predictor = (Predictor.from_checkpoint(a.checkpoint, device=device) if a.checkpoint
+                 else Predictor.from_pretrained(device=device))
     if a.config:
         cfg = load_config(a.config)
         if cfg.model != predictor.config.model:

@@ -86,6 +86,17 @@ def available_devices() -> list[str]:
     return devs
 
 
+def process_device(device: str = "auto") -> str:
+    """The device of this process: under torchrun (``LOCAL_RANK`` set) with several GPUs,
+    ``auto``/``cuda`` becomes this process's own GPU, ``cuda:LOCAL_RANK`` (modulo the GPUs
+    present), so the ranks of a node do not all run on the first one."""
+    local = os.environ.get("LOCAL_RANK")
+    if (local is None or str(device) not in ("auto", "cuda") or not torch.cuda.is_available()
+            or torch.cuda.device_count() < 2):
+        return str(device)
+    return f"cuda:{int(local) % torch.cuda.device_count()}"
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` -> CUDA, then MPS, then CPU; anything else is checked to exist."""
     from .errors import ConfigError

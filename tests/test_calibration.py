@@ -71,6 +71,18 @@ def test_calibration_is_stored_in_the_checkpoint_and_used_by_the_predictor(tmp_p
     np.testing.assert_allclose(used["unc_x"], raw_locs["unc_x"] * cal.sigma_scale[0], rtol=1e-5)
     np.testing.assert_allclose(used["unc_y"], raw_locs["unc_y"] * cal.sigma_scale[1], rtol=1e-5)
 
+    # symmetry averaging has its own calibration, stored beside the plain one and used by
+    # predict(tta=True)
+    assert cal.tta is not None and cal.tta.threshold in THRESHOLD_GRID
+    assert raw["calibration"]["tta"]["threshold"] == cal.tta.threshold
+    assert pred.calibration_for(tta=True)["threshold"] == cal.tta.threshold
+    with_tta = pred.predict(stack, maps=False, tta=True)
+    raw_tta = pred.predict(stack, maps=False, tta=True, threshold=cal.tta.threshold,
+                           calibrated=False).localizations
+    assert with_tta.threshold == cal.tta.threshold
+    np.testing.assert_allclose(with_tta.localizations["unc_x"],
+                               raw_tta["unc_x"] * cal.tta.sigma_scale[0], rtol=1e-5)
+
 
 def test_calibrate_command_writes_a_copy_and_reports_json(tmp_path, capsys):
     out = tmp_path / "cal.pth"
@@ -92,3 +104,6 @@ def test_bad_stored_calibration_is_ignored(untrained_checkpoint, tmp_path):
     torch.save(ckpt, path)
     pred = Predictor.from_checkpoint(path, device="cpu")
     assert pred.default_threshold == 0.5 and pred.calibration["sigma_scale"] == (1.0, 1.0)
+    # a checkpoint calibrated before symmetry averaging existed: the plain values serve both
+    assert pred.calibration["tta"] is None
+    assert pred.calibration_for(tta=True) == pred.calibration_for(tta=False)

@@ -353,3 +353,27 @@ def test_predict_under_torchrun_splits_inputs_between_ranks(tmp_path, untrained_
         assert ((tmp_path / "ddp" / name / "localizations.csv").read_text()
                 == (tmp_path / "one" / name / "localizations.csv").read_text())
     assert not [p for p in (tmp_path / "ddp").rglob(".*")]  # no partial files left
+
+
+def test_predict_tta_records_the_mode_and_uses_the_symmetry_average(tmp_path,
+                                                                      untrained_checkpoint):
+    """--tta: the maps in predictions.h5 are the average over the 8 orientations, and the
+    file says which mode made them."""
+    import h5py
+
+    from napari_var_emitter.inference import Predictor
+
+    stack = np.random.default_rng(4).poisson(20, (3, 32, 32)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "s.tif", stack, photometric="minisblack")
+    common = ["predict", str(tmp_path / "s.tif"), "--checkpoint", str(untrained_checkpoint),
+              "--device", "cpu", "--no-figures"]
+    assert main([*common, "--output_dir", str(tmp_path / "tta"), "--tta"]) == 0
+    assert main([*common, "--output_dir", str(tmp_path / "plain")]) == 0
+    with h5py.File(tmp_path / "tta" / "s" / "predictions.h5") as f, \
+            h5py.File(tmp_path / "plain" / "s" / "predictions.h5") as g:
+        assert f.attrs["tta"] and not g.attrs["tta"]
+        tta_prob = f["maps/x2/probability"][:]
+        assert not np.allclose(tta_prob, g["maps/x2/probability"][:])
+    pred = Predictor.from_checkpoint(untrained_checkpoint, device="cpu")
+    expected = pred.predict(stack, tta=True).maps[2]["probability"]
+    np.testing.assert_allclose(tta_prob, np.asarray(expected), atol=1e-5)

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     _camera_opts(r)
     _opt(r, "threshold", type=float, default=None,
          help="detection probability threshold (default: the model's calibrated one, else 0.5)")
+    _opt(r, "tta", action="store_true",
+         help="average the network over the 8 symmetries of each tile: RMSE 7-10%% lower, "
+              "8x slower (test-time augmentation, with its own calibration)")
     _opt(r, "no-maps", action="store_true", help="skip predictions.h5 (fast path)")
     _opt(r, "no-figures", action="store_true", help="skip the PNG figures")
     _opt(r, "overwrite", action="store_true", help="redo inputs whose outputs are complete")
@@ -388,7 +391,7 @@ def _write_sample(a) -> str:
 def _predict_one(a, predictor, camera, path, stem, interrupts) -> None:
     """Localise one input into ``OUT/STEM/``: written in a hidden temporary folder that is
     renamed into place only when every output is complete (or removed on any failure)."""
-    from .inference import default_batch_size
+    from .inference import DEFAULT_THRESHOLD, default_batch_size
     from .io.tiff import open_stack
     from .outputs import write_figures, write_tables
 
@@ -410,14 +413,16 @@ def _predict_one(a, predictor, camera, path, stem, interrupts) -> None:
         with open_stack(path) as stack:
             px = a.pixel_size or stack.pixel_size_nm or 100.0
             attrs = {"model_id": predictor.model_id, "config": predictor.config.to_dict(),
-                     "threshold": a.threshold or predictor.default_threshold,
+                     "threshold": (a.threshold or predictor.calibration_for(a.tta)["threshold"]
+                                   or DEFAULT_THRESHOLD),
+                     "tta": bool(a.tta),
                      "calibration": predictor.calibration,
                      "camera": camera.to_dict(), "pixel_size_nm": float(px),
                      "input": os.path.abspath(path)}
             gen = predictor.predict_iter(
                 stack, camera=camera, pixel_size_nm=px, threshold=a.threshold,
                 batch_size=a.batch_size or default_batch_size(predictor.device),
-                maps=not a.no_maps, name=path,
+                maps=not a.no_maps, name=path, tta=a.tta,
                 maps_h5=None if a.no_maps else os.path.join(tmp, "predictions.h5"),
                 h5_attrs=attrs, cancel=interrupts.check)
             bar = _progress_bar(len(stack), 0, True)
@@ -578,9 +583,13 @@ def cmd_calibrate(a) -> int:
     cal = calibrate(predictor, n_frames=a.frames, seed=a.seed,
                     log=lambda m: sys.stderr.write(m + "\n"))
     apply_calibration(a.checkpoint, cal, a.out)
-    print(json.dumps({"checkpoint": a.out or a.checkpoint, "threshold": cal.threshold,
-                      "sigma_scale": list(cal.sigma_scale), "mean_jaccard": cal.mean_jaccard,
-                      "mean_jaccard_at_0_5": cal.mean_jaccard_at_0_5}))
+    report = {"checkpoint": a.out or a.checkpoint, "threshold": cal.threshold,
+              "sigma_scale": list(cal.sigma_scale), "mean_jaccard": cal.mean_jaccard,
+              "mean_jaccard_at_0_5": cal.mean_jaccard_at_0_5}
+    if cal.tta is not None:
+        report["tta"] = {"threshold": cal.tta.threshold, "sigma_scale": list(cal.tta.sigma_scale),
+                         "mean_jaccard": cal.tta.mean_jaccard}
+    print(json.dumps(report))
     return 0
 
 

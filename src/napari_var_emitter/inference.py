@@ -229,13 +229,22 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.config = config
         self.model_id = model_id
-        #: ``{"threshold": float | None, "sigma_scale": (sx, sy)}`` (see :mod:`.calibration`)
+        #: ``{"threshold": float | None, "sigma_scale": (sx, sy), "tta": {...} | None}``
+        #: (see :mod:`.calibration`)
         self.calibration = calibration_from_checkpoint({"calibration": calibration})
 
     @property
     def default_threshold(self) -> float:
         """The calibrated detection threshold of this model, else 0.5."""
         return self.calibration["threshold"] or DEFAULT_THRESHOLD
+
+    def calibration_for(self, tta: bool = False) -> dict:
+        """``{"threshold", "sigma_scale"}`` for plain or symmetry-averaged (``tta``)
+        prediction; a checkpoint calibrated before symmetry averaging existed has only the
+        plain one, which then serves both."""
+        if tta and self.calibration.get("tta") is not None:
+            return self.calibration["tta"]
+        return self.calibration
 
     @classmethod
     def from_checkpoint(cls, path, device="auto") -> "Predictor":
@@ -269,12 +278,14 @@ class Predictor:
     def predict_iter(self, stack, camera: Camera | None = None, pixel_size_nm: float = 100.0,
                      threshold: float | None = None, batch_size: int = 32, maps: bool = True,
                      maps_h5=None, name: str = "input", cancel=None, h5_attrs=None,
-                     calibrated: bool = True):
+                     calibrated: bool = True, tta: bool = False):
         """Localise every frame of ``stack`` (T, H, W) or (H, W) in ADU.
 
-        ``threshold``: detection probability (None: :attr:`default_threshold`, the model's
-        calibrated one). ``calibrated=False`` ignores the stored calibration (threshold 0.5
-        when none is given, uncertainties as the network predicts them).
+        ``threshold``: detection probability (None: the model's calibrated one, else 0.5).
+        ``calibrated=False`` ignores the stored calibration (threshold 0.5 when none is
+        given, uncertainties as the network predicts them). ``tta=True`` averages the
+        network's maps over the eight symmetries of each tile (:mod:`.symmetry`): more
+        accurate, eight times slower, with its own stored calibration.
 
         Yields a :class:`ProgressEvent` after each batch and returns a
         :class:`PredictionResult`. ``maps=True`` computes every scale; with ``maps_h5`` the
@@ -283,11 +294,13 @@ class Predictor:
         ``cancel`` is an optional callable returning True to stop (raises :class:`Cancelled`).
         """
         from .outputs import PredictionsH5Writer
+        from .symmetry import SYMMETRIES, symmetry_averaged_maps
 
         camera = camera or Camera()
+        cal = self.calibration_for(tta)
         if threshold is None:
-            threshold = self.default_threshold if calibrated else DEFAULT_THRESHOLD
-        sigma_scale = self.calibration["sigma_scale"] if calibrated else (1.0, 1.0)
+            threshold = cal["threshold"] if calibrated and cal["threshold"] else DEFAULT_THRESHOLD
+        sigma_scale = cal["sigma_scale"] if calibrated else (1.0, 1.0)
         if not 0 < threshold <= 1:
             from .errors import ConfigError
             raise ConfigError(f"threshold must be in (0, 1], got {threshold}")
@@ -338,7 +351,12 @@ class Predictor:
                 tiles, where = _cut_tiles(photons, t0 - lo, t1 - lo, ctx, ys, xs, th, tw)
                 with torch.inference_mode(), autocast:
                     x = torch.from_numpy(tiles).to(self.device)
-                    out = self.model(x, factors=factors, with_recon=False)["maps"]
+                    if tta:
+                        # transposing a non-square tile would change its shape: flips only
+                        out = symmetry_averaged_maps(self.model, x, factors,
+                                                     SYMMETRIES if th == tw else SYMMETRIES[:4])
+                    else:
+                        out = self.model(x, factors=factors, with_recon=False)["maps"]
                     if sigma_scale != (1.0, 1.0):
                         for m in out.values():
                             m["sigma_x"] = m["sigma_x"] * sigma_scale[0]

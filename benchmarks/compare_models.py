@@ -9,6 +9,7 @@ density::
     python benchmarks/compare_models.py --densities 0.15,0.5,1 bundled runs/candidate.pth
 
 ``bundled`` means ``Predictor.from_pretrained()``. Every checkpoint sees the same movies.
+``--tta`` adds a row per checkpoint with symmetry averaging (``predict --tta``).
 ``--photons``, ``--background``, ``--sigma`` and ``--camera`` fix what is otherwise drawn per
 movie, e.g. the benchmark's sparse scenario as many independent movies::
 
@@ -61,10 +62,14 @@ def main(argv=None):
                     help="PSF sigma in pixels (default: drawn per movie)")
     ap.add_argument("--camera", choices=("both", "scmos", "emccd"), default="both",
                     help="sCMOS and EMCCD alternate by default")
+    ap.add_argument("--tta", action="store_true",
+                    help="also score each checkpoint with symmetry averaging (row 'NAME +tta')")
     a = ap.parse_args(argv)
     cameras = {"both": CAMERAS, "scmos": CAMERAS[:1], "emccd": CAMERAS[1:]}[a.camera]
-    predictors = [(c, Predictor.from_pretrained() if c == "bundled"
-                   else Predictor.from_checkpoint(c)) for c in a.checkpoints]
+    predictors = []
+    for c in a.checkpoints:
+        p = Predictor.from_pretrained() if c == "bundled" else Predictor.from_checkpoint(c)
+        predictors += [(c, p, False)] + ([(c + " +tta", p, True)] if a.tta else [])
     print("| density | checkpoint | Jaccard | recall | precision | RMSE nm | efficiency "
           "| calib. x/y |")
     print("|---|---|---|---|---|---|---|---|")
@@ -78,11 +83,11 @@ def main(argv=None):
             t = movie.table_in_view()
             t["frame"] += k * a.frames  # one long pooled movie
             truth.append(t)
-            for i, (_, p) in enumerate(predictors):
-                loc = p.predict(movie.adu, camera=cam, maps=False).localizations
+            for i, (_, p, tta) in enumerate(predictors):
+                loc = p.predict(movie.adu, camera=cam, maps=False, tta=tta).localizations
                 loc["frame"] += k * a.frames
                 locs[i].append(loc)
-        for (c, _), found in zip(predictors, locs):
+        for (c, _, _), found in zip(predictors, locs):
             ev = evaluate_tables(concat_tables(truth), concat_tables(found), 250.0, 100.0)
             print(f"| {density:g} | {c} | {ev['jaccard']:.3f} | {ev['recall']:.3f} | "
                   f"{ev['precision']:.3f} | {ev['rmse_nm']:.1f} | {ev['efficiency']:.1f} | "

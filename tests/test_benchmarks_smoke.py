@@ -220,3 +220,12 @@ def test_compare_models_scores_every_checkpoint_on_the_same_movies(capsys, untra
     # the same model on the same movies scores the same; other densities are other movies
     for scores in by_density.values():
         assert scores[0] == scores[1]
+
+
+def test_compare_models_tta_adds_a_row_per_checkpoint(capsys, untrained_checkpoint):
+    import compare_models
+
+    ckpt = str(untrained_checkpoint)
+    compare_models.main([ckpt, "--densities", "1", "--movies", "1", "--frames", "2", "--tta"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |")]
+    assert [r.split("|")[2].strip() for r in rows] == [ckpt, ckpt + " +tta"]

@@ -245,7 +245,8 @@ def _ours_worker(job_path: str) -> int:
     adu = np.load(job["movie"])
     camera = Camera(**job["camera"])
     kw = dict(camera=camera, pixel_size_nm=job["pixel_size_nm"], maps=False,
-              batch_size=job["batch_size"], threshold=job["threshold"])
+              batch_size=job["batch_size"], threshold=job["threshold"],
+              tta=bool(job.get("tta")))
     rss_before = _peak_rss_self_mb()
     pred.predict(adu[: min(len(adu), 8)], **kw)  # warm-up: first-call allocations
     t0 = time.perf_counter()
@@ -263,12 +264,12 @@ def _ours_worker(job_path: str) -> int:
 
 
 def run_ours(prep: Prepared, workdir: str, checkpoint: str | None, device: str,
-             batch_size: int, threshold: float) -> tuple[np.ndarray, dict]:
+             batch_size: int, threshold: float, tta: bool = False) -> tuple[np.ndarray, dict]:
     """Run our model on a prepared scenario in a fresh process; (locs, timing info)."""
     tag = prep.scenario.name.replace("%", "pct").replace("+", "p")
     job = {"checkpoint": checkpoint, "device": device, "movie": prep.movie_path,
            "camera": asdict(prep.scenario.analysis_camera), "pixel_size_nm": prep.pixel_size_nm,
-           "batch_size": batch_size, "threshold": threshold,
+           "batch_size": batch_size, "threshold": threshold, "tta": tta,
            "out": os.path.join(workdir, f"ours_{tag}.npy")}
     job_path = os.path.join(workdir, f"ours_{tag}.job.json")
     with open(job_path, "w") as f:
@@ -493,7 +494,8 @@ def cli_command(tiff: str, out_dir: str, checkpoint: str | None, cam: CameraSpec
     return cmd
 
 
-def run_speed(n_frames: int, workdir: str, checkpoint: str | None, log) -> dict:
+def run_speed(n_frames: int, workdir: str, checkpoint: str | None, log,
+              tta: bool = False) -> dict:
     """``var-emitter predict --no-maps --no-figures`` of an ``n_frames`` 40x40 stack, and of
     a 20-frame stack of the same scene (start-up cost: Python, torch, model loading)."""
     from napari_var_emitter.io.tiff import write_tiff
@@ -507,7 +509,7 @@ def run_speed(n_frames: int, workdir: str, checkpoint: str | None, log) -> dict:
         tif = os.path.join(workdir, f"speed_{n}.tif")
         write_tiff(tif, movie.adu[:n])
         out = os.path.join(workdir, f"speed_out_{n}")
-        cmd = cli_command(tif, out, checkpoint, cam)
+        cmd = cli_command(tif, out, checkpoint, cam) + (["--tta"] if tta else [])
         r = run_measured(cmd, os.path.join(workdir, f"speed_{n}.log"))
         r.update(n_frames=n, command=" ".join(shlex.quote(c) for c in cmd))
         if r["rc"] != 0:
@@ -650,6 +652,8 @@ def build_report(results: list, speed: dict | None, meta: dict) -> str:
         w += f" ({ck['error']})"
     L.append(w)
     cal = meta["checkpoint"].get("calibration") or {}
+    if meta.get("tta") and isinstance(cal.get("tta"), dict):
+        cal = cal["tta"]  # symmetry averaging has its own calibration
     if meta["threshold"] is not None:
         thr = f"{meta['threshold']} (given)"
     elif cal.get("threshold"):
@@ -658,7 +662,8 @@ def build_report(results: list, speed: dict | None, meta: dict) -> str:
                "from `var-emitter calibrate` on its own simulated scenes, not these)")
     else:
         thr = "0.5 (uncalibrated model)"
-    L.append(f"- Our model: `Predictor.predict(..., maps=False)`, threshold {thr}, batch "
+    tta = ", tta=True" if meta.get("tta") else ""
+    L.append(f"- Our model: `Predictor.predict(..., maps=False{tta})`, threshold {thr}, batch "
              f"{meta['batch_size']}; one fresh process per scenario.")
     if meta.get("picasso"):
         p = meta["picasso"]
@@ -965,6 +970,8 @@ def parse_args(argv=None):
                     help="frames of the end-to-end speed stack (default 2000; 60 with --quick)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--tta", action="store_true",
+                    help="our model with symmetry averaging (predict --tta; 8x slower)")
     ap.add_argument("--threshold", type=float, default=None,
                     help="detection threshold (default: the model's calibrated one, else 0.5)")
     ap.add_argument("--workdir", default=None, help="keep intermediate files here")
@@ -1009,6 +1016,7 @@ def main(argv=None) -> int:
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "quick": a.quick, "threshold": a.threshold, "batch_size": a.batch_size,
             "device": a.device, "machine": machine_info(), "checkpoint": ck_info,
+            "tta": a.tta,
             "load_start": load_start}
 
     worker = None
@@ -1046,7 +1054,7 @@ def main(argv=None) -> int:
                  "truth_per_frame": len(prep.truth) / max(prep.shape[0], 1)}
             try:
                 locs, info = run_ours(prep, workdir, checkpoint, a.device, a.batch_size,
-                                      a.threshold)
+                                      a.threshold, a.tta)
                 r["ours"] = evaluate(prep, locs)
                 r["ours_info"] = info
                 unc = np.sqrt((locs["unc_x"] ** 2 + locs["unc_y"] ** 2) / 2.0)
@@ -1078,7 +1086,7 @@ def main(argv=None) -> int:
         if not a.no_speed:
             n = a.speed_frames or (60 if a.quick else 2000)
             log(f"end-to-end speed: var-emitter predict on {n} frames ...")
-            speed = run_speed(n, workdir, checkpoint, log)
+            speed = run_speed(n, workdir, checkpoint, log, a.tta)
             if worker is not None:
                 ref = next((r for r in results if r["scenario"].name == "medium"
                             and r.get("picasso_info")), None)

@@ -8,14 +8,17 @@ Usage (needs a display; on a headless machine run it under ``xvfb-run -a``)::
 Writes ``OUT_DIR/inference_canvas.png`` (probability map x8 over the frame with the detected
 peaks), ``OUT_DIR/inference_window.png`` (the whole window with the inference dock),
 ``OUT_DIR/super_resolution.png`` and ``OUT_DIR/training_window.png`` (the training dock with
-its loss curves after a short simulated fine-tune, written under ``OUT_DIR/training_run``).
+its loss curves after a short simulated fine-tune, whose checkpoints go to a temporary
+folder that is removed at the end).
 Without ``--checkpoint`` the bundled model is used.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,6 +84,7 @@ def main(argv=None) -> int:
     _register_plugin()
     viewer = napari.Viewer(show=True, title="napari-var-emitter")
     viewer.window.resize(1400, 900)
+    run_dir = None
     try:
         viewer.open_sample("napari-var-emitter", "sparse")
         sample = viewer.layers["sparse emitters"]
@@ -118,7 +122,8 @@ def main(argv=None) -> int:
         _, training = viewer.window.add_plugin_dock_widget("napari-var-emitter",
                                                            "VAR emitter training")
         training.source.value = TW.SOURCE_SIMULATION
-        training.output_dir.value = str(out / "training_run")
+        run_dir = tempfile.mkdtemp(prefix="screenshot-training-")
+        training.output_dir.value = run_dir
         if args.train_config:
             training.config_file.value = args.train_config
             training.init.value = TW.INIT_SCRATCH
@@ -135,6 +140,8 @@ def main(argv=None) -> int:
         _save(viewer.screenshot(canvas_only=False, flash=False), out / "training_window.png")
     finally:
         viewer.close()
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 
 

@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
               "to OUT/sample_NAME.tif and OUT/sample_NAME_truth.csv; its camera is used)")
 
     c = sub.add_parser("calibrate", help="measure a checkpoint's detection threshold and "
-                       "uncertainty scale on simulated movies and store them in it")
+                       "uncertainty scale on simulated movies and store them in it (for plain "
+                       "prediction and for --tta)")
     _opt(c, "checkpoint", required=True, help="checkpoint to calibrate")
     _opt(c, "out", default=None, help="write the calibrated copy here (default: in place)")
     _opt(c, "frames", type=int, default=60, help="frames per calibration movie (12 movies)")

@@ -42,6 +42,7 @@ def test_round_trip(tmp_path):
     ({"training": {"learning_rate": 0}}, "> 0"),
     ({"loss": {"scale_weights": [1.0, 0.5]}}, "scale_weights has 2 entries"),
     ({"loss": {"loc_mode": "l1"}}, "loc_mode"),
+    ({"loss": {"background_loss": "l1"}}, "background_loss"),
     ({"simulation": {"photons": [1000, 10]}}, "min <= max"),
 ])
 def test_bad_values_are_one_line_errors(bad, words):

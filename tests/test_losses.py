@@ -411,6 +411,12 @@ def test_background_and_reconstruction_terms():
     pred = torch.full((2, 5, 5), 12.0)
     true = torch.full((2, 5, 5), 10.0)
     assert background_loss(pred, true, torch.tensor([2.0, 1.0])).tolist() == [1.0, 4.0]
+    # huber: the same half-square within one noise unit, linear beyond it (an outlier tile
+    # 10 noise units off costs 9.5, not 100)
+    far = torch.full((2, 5, 5), 30.0)
+    huber = background_loss(torch.stack([pred[0], far[0]]), true, torch.tensor([4.0, 2.0]),
+                            kind="huber").tolist()
+    assert huber == pytest.approx([0.125, 9.5])
     r = ReconstructionLoss()(torch.zeros(1, 1, 4, 4), torch.full((1, 1, 4, 4), 3.0))
     assert r.item() == pytest.approx(9.0)
 

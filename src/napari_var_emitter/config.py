@@ -146,6 +146,10 @@ class LossConfig:
     vq_weight: float = 0.25  # commitment loss of the vector quantiser
     photon_weight: float = 0.1
     background_weight: float = 0.1
+    # the background term per pixel in noise units: "mse" (squared) or "huber" (squared
+    # within one noise unit, linear beyond: a few dense tiles whose background is hard to
+    # tell from overlapping spots no longer dominate a batch's gradient)
+    background_loss: str = "mse"
     # gmm mode: whether the mixture likelihood also trains the sigmas. The mixture wants
     # each pixel's component as wide as that pixel's own error; the decoder reports the
     # windowed mean, which is more precise, so with both terms on the sigmas the uncertainty
@@ -167,6 +171,9 @@ class LossConfig:
             raise ConfigError("loss.scale_weights must be numbers >= 0")
         if self.loc_mode not in ("gmm", "l2"):
             raise ConfigError("loss.loc_mode must be 'gmm' or 'l2'")
+        if self.background_loss not in ("mse", "huber"):
+            raise ConfigError("loss.background_loss must be 'mse' or 'huber', got "
+                              f"{self.background_loss!r}")
         if self.emitter_weighting not in ("emitter", "frame"):
             raise ConfigError("loss.emitter_weighting must be 'emitter' or 'frame', got "
                               f"{self.emitter_weighting!r}")

@@ -315,10 +315,15 @@ class ReconstructionLoss:
 
 
 def background_loss(predicted: torch.Tensor, true: torch.Tensor,
-                    scale: torch.Tensor) -> torch.Tensor:
-    """Per-sample MSE of the background in noise units: ((pred - true) / scale)^2, (B,)."""
+                    scale: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Per-sample mean over pixels of the background error in noise units,
+    ``d = (pred - true) / scale``: ``d^2`` ("mse") or Huber with delta 1 ("huber"), (B,)."""
     d = (predicted.float() - true.float()) / scale.float().reshape(-1, 1, 1)
-    return (d * d).flatten(1).mean(1)
+    if kind == "huber":
+        per_pixel = F.huber_loss(d, torch.zeros_like(d), reduction="none", delta=1.0)
+    else:
+        per_pixel = d * d
+    return per_pixel.flatten(1).mean(1)
 
 
 # -- the whole objective -------------------------------------------------------------------
@@ -438,7 +443,8 @@ class VarEmitterLoss:
             scale = out.get("norm_scale")
             if scale is None:  # no model normalisation at hand: Poisson noise of the truth
                 scale = target["background"].float().flatten(1).mean(1).clamp_min(1.0).sqrt()
-            bg = background_loss(pred, target["background"], scale.detach()).mean()
+            bg = background_loss(pred, target["background"], scale.detach(),
+                                 cfg.background_loss).mean()
             logs["bg"] = float(bg.detach())
             total = total + cfg.background_weight * bg
         return total, logs

@@ -20,8 +20,8 @@ from napari_var_emitter.camera import Camera
 from napari_var_emitter.config import Config
 from napari_var_emitter.errors import Cancelled, InputFileError
 from napari_var_emitter.inference import (MAP_DEFINED_PROBABILITY, MAP_NAMES, PredictionResult, Predictor,
-                                          merge_tile_detections, tile_grid)
-from napari_var_emitter.table import make_table
+                                          merge_frame_detections, tile_grid)
+from napari_var_emitter.table import concat_tables, make_table
 
 
 # -- a network whose detections we dictate --------------------------------------------------
@@ -137,11 +137,18 @@ def test_border_emitter_at_x_33_5_of_a_96_wide_frame():
     assert locs["x"][0] == pytest.approx(border, abs=0.05)
 
 
+def _merge(*parts):
+    """One frame's detections from several tiles, ``parts`` = (table, own, tile id)."""
+    tab = concat_tables([t for t, _, _ in parts])
+    own = np.concatenate([o for _, o, _ in parts])
+    src = np.concatenate([np.full(len(t), i) for t, _, i in parts])
+    return tab[merge_frame_detections(tab, own, src)]
+
+
 def test_merge_keeps_one_of_two_tiles_twins_and_distinct_neighbours():
     a = make_table([0, 0], [10.0, 12.0], [5.0, 5.0], prob=[0.9, 0.8])
     b = make_table([0, 0], [10.1, 13.3], [5.0, 5.0], prob=[0.95, 0.7])
-    merged = merge_tile_detections([(a, np.array([True, True]), 0),
-                                    (b, np.array([False, True]), 1)])
+    merged = _merge((a, np.array([True, True]), 0), (b, np.array([False, True]), 1))
     # 10.0 (own core) beats its twin 10.1 from the other tile (outside its core) despite a
     # lower probability; 12.0 and 13.3 are 1.3 px apart: two emitters, both kept
     assert sorted(merged["x"].tolist()) == [10.0, 12.0, 13.3]
@@ -149,10 +156,10 @@ def test_merge_keeps_one_of_two_tiles_twins_and_distinct_neighbours():
     # the border): the more probable is kept
     c = make_table([0], [20.4], [5.0], prob=[0.6])
     d = make_table([0], [20.6], [5.0], prob=[0.7])
-    merged = merge_tile_detections([(c, np.array([False]), 0), (d, np.array([False]), 1)])
+    merged = _merge((c, np.array([False]), 0), (d, np.array([False]), 1))
     assert merged["x"].tolist() == [20.6]
     same_tile = make_table([0, 0], [10.0, 10.2], [5.0, 5.0])
-    assert len(merge_tile_detections([(same_tile, np.array([True, True]), 0)])) == 2
+    assert len(_merge((same_tile, np.array([True, True]), 0))) == 2
 
 
 def test_camera_conversion_happens_before_the_network():

@@ -110,10 +110,11 @@ def calibrate(predictor, n_frames: int = 60, shape=(40, 40), seed: int = 2026112
                                photons=sc.photons, background=sc.background,
                                sigma_px=sc.sigma_px, camera=cam, scene=sc.scene,
                                highres_factor=None)
+        truth = movie.table_in_view()
         for mode in modes:
             res = predictor.predict(movie.adu, camera=cam, maps=False, calibrated=False,
                                     threshold=float(THRESHOLD_GRID[0]), tta=mode)
-            runs[mode].append((movie.table_in_view(), res.localizations))
+            runs[mode].append((truth, res.localizations))
         if log is not None:
             log(f"calibration scene {i + 1}/{len(scenes)}: {sc}")
     cals = {}

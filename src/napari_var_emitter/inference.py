@@ -8,7 +8,7 @@ model's input size; each tile owns a "core" region and the cores partition the f
 neighbouring tiles estimate a border emitter's position slightly differently, so a strict
 "keep what falls in your core" rule would report it twice or never when their estimates
 straddle the border; tiles therefore report a band beyond their core too and
-:func:`merge_tile_detections` keeps one detection per emitter (test_inference checks it).
+:func:`merge_frame_detections` keeps one detection per emitter (test_inference checks it).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ MIN_FRAME_SIDE = 8
 MAX_TILES_WITH_MAPS = 16
 #: tiles also report emitters up to this far (input px) beyond their core, so that an
 #: emitter whose position two neighbouring tiles estimate on opposite sides of the core
-#: border is still seen by both; :func:`merge_tile_detections` keeps one of them
+#: border is still seen by both; :func:`merge_frame_detections` keeps one of them
 BORDER_BAND_PX = 1.0
 #: detections of two different tiles closer than this (input px) are one emitter (the
 #: tiles see the same pixels and differ only in context, so their estimates of one emitter
@@ -236,7 +236,11 @@ class Predictor:
     @property
     def default_threshold(self) -> float:
         """The calibrated detection threshold of this model, else 0.5."""
-        return self.calibration["threshold"] or DEFAULT_THRESHOLD
+        return self.threshold_for(tta=False)
+
+    def threshold_for(self, tta: bool = False) -> float:
+        """The calibrated threshold of plain or symmetry-averaged prediction, else 0.5."""
+        return self.calibration_for(tta)["threshold"] or DEFAULT_THRESHOLD
 
     def calibration_for(self, tta: bool = False) -> dict:
         """``{"threshold", "sigma_scale"}`` for plain or symmetry-averaged (``tta``)
@@ -299,7 +303,7 @@ class Predictor:
         camera = camera or Camera()
         cal = self.calibration_for(tta)
         if threshold is None:
-            threshold = cal["threshold"] if calibrated and cal["threshold"] else DEFAULT_THRESHOLD
+            threshold = self.threshold_for(tta) if calibrated else DEFAULT_THRESHOLD
         sigma_scale = cal["sigma_scale"] if calibrated else (1.0, 1.0)
         if not 0 < threshold <= 1:
             from .errors import ConfigError
@@ -430,20 +434,6 @@ def _place_detections(table, tile, where, ys, xs, ybounds, xbounds, band, t0):
                 keep[a:b] = merge_frame_detections(table[a:b], own[a:b], tile[a:b])
         table = table[keep]
     return table[np.lexsort((table["x"], table["y"], table["frame"]))]
-
-
-def merge_tile_detections(parts, radius: float = DUPLICATE_RADIUS_PX) -> np.ndarray:
-    """One frame's detections from several tiles -> one table, each emitter once.
-
-    ``parts`` is a list of ``(table, own, tile_id)``; see :func:`merge_frame_detections`.
-    """
-    parts = [p for p in parts if len(p[0])]
-    if not parts:
-        return empty_table(0)
-    tab = concat_tables([p[0] for p in parts])
-    own = np.concatenate([np.asarray(p[1], bool) for p in parts])
-    src = np.concatenate([np.full(len(p[0]), p[2]) for p in parts])
-    return tab[merge_frame_detections(tab, own, src, radius)]
 
 
 def merge_frame_detections(tab, own, src, radius: float = DUPLICATE_RADIUS_PX) -> np.ndarray:

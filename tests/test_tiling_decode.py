@@ -74,3 +74,43 @@ def test_decode_finds_one_emitter_in_diffuse_probability():
     assert len(t) == 1
     assert t["x"][0] == pytest.approx(ex, abs=1e-5) and t["y"][0] == pytest.approx(ey, abs=1e-5)
     assert t["prob"][0] == pytest.approx(0.81, abs=1e-5)
+
+
+def _blob(f, ex, ey, centre, ring):
+    """Peaks of one emitter at input (ex, ey): ``centre`` on its map pixel, ``ring / 8`` on
+    each of the 8 around it, every offset pointing at the emitter."""
+    cj, ci = int((ey + 0.5) * f), int((ex + 0.5) * f)
+    out = []
+    for j in range(cj - 1, cj + 2):
+        for i in range(ci - 1, ci + 2):
+            p = centre if (j, i) == (cj, ci) else ring / 8
+            out.append((j, i, p, ex - ((i + 0.5) / f - 0.5), ey - ((j + 0.5) / f - 0.5)))
+    return out
+
+
+@pytest.mark.parametrize("gap", [1.6, 2.0, 2.3])
+def test_decode_resolves_two_emitters_closer_than_the_matching_tolerance(gap):
+    # two compact blobs (0.8 each) 1.6-2.3 input px apart (3-5 x2 pixels): a window centred between them
+    # holds more probability than either alone, and the decoder must still report two
+    f = 2
+    emitters = [(5.2, 6.1), (5.2 + gap, 6.1)]
+    peaks = [pk for ex, ey in emitters for pk in _blob(f, ex, ey, 0.5, 0.3)]
+    (t,) = decode_maps(_maps(f, 14, 14, peaks), f, threshold=0.5)
+    assert len(t) == 2
+    t = t[np.argsort(t["x"])]
+    for (ex, ey), x, y, p in zip(emitters, t["x"], t["y"], t["prob"]):
+        assert x == pytest.approx(ex, abs=0.05) and y == pytest.approx(ey, abs=0.05)
+        assert p == pytest.approx(0.8, abs=0.05)
+
+
+def test_decode_merges_one_emitter_whose_probability_has_two_maxima():
+    # one emitter at input x=3.0 whose probability sits on two x2 pixels 3 map px apart
+    # (two local maxima), both offsets pointing at it: one detection carrying both masses
+    f, ex, ey = 2, 3.0, 4.0
+    row = int((ey + 0.5) * f)
+    dy = ey - ((row + 0.5) / f - 0.5)
+    peaks = [(row, c, 0.4, ex - ((c + 0.5) / f - 0.5), dy) for c in (5, 8)]
+    (t,) = decode_maps(_maps(f, 10, 10, peaks), f, threshold=0.5)
+    assert len(t) == 1
+    assert t["x"][0] == pytest.approx(ex, abs=1e-5) and t["y"][0] == pytest.approx(ey, abs=1e-5)
+    assert t["prob"][0] == pytest.approx(0.8, abs=1e-5)

@@ -147,16 +147,40 @@ def tile_grid(size: int, tile: int, margin: int):
     return starts, bounds
 
 
+#: a map pixel whose 3x3 neighbourhood holds less probability than this starts no candidate
+#: (far below any calibrated threshold; it bounds the decoder's work on empty tiles)
+CANDIDATE_FLOOR = 0.05
+#: width (input px) of the proximity weight that shares a map pixel's probability between
+#: the candidates whose windows overlap on it
+SHARE_SIGMA_PX = 0.5
+
+
 def decode_maps(m: dict, f: int, threshold: float) -> list[np.ndarray]:
     """Localisations from the maps of one scale (tensors (N, f*H, f*W)), one table per tile.
 
     An emitter's probability mass may spread over several map pixels (more so at finer
-    scales), so the map is integrated over a window of one input pixel's radius
-    (``2f + 1`` map pixels). A candidate is a local maximum of that integrated map; its
-    detection probability is the integrated probability (capped at 1), which must reach
-    ``threshold``. Its position, photons and uncertainties are the probability-weighted
-    means of the per-pixel predictions (pixel centre ``(j + 0.5)/f - 0.5`` plus offset)
-    within the window.
+    scales), so each detection integrates the probability within a window of one input
+    pixel's radius (``2f + 1`` map pixels) around a candidate. Decoding:
+
+    1. **Candidates** are the local maxima (3x3) of the probability summed over 3x3 map
+       pixels: compact blobs, so two emitters 1.5-2.5 px apart give two candidates. (An
+       earlier decoder took maxima of the whole-window sum; a window centred between two
+       such emitters holds more than either alone, so the pair was reported once and about
+       half of all emitters with a neighbour within 2.5 px were missed.)
+    2. **Shared pixels**: a map pixel inside the windows of several candidates gives each a
+       share of its probability, in proportion to the candidate's strength times a Gaussian
+       of their distance (:data:`SHARE_SIGMA_PX`), so no probability is counted twice.
+    3. Each candidate's **detection probability** is its share of the window's probability;
+       its position, photons and uncertainties are the share-weighted means of the per-pixel
+       predictions (pixel centre ``(j + 0.5)/f - 0.5`` plus offset).
+    4. **One emitter split into two candidates** (a blob with two maxima): the per-pixel
+       offsets of both point at the same place, so candidates of one tile whose positions
+       are closer than :data:`DUPLICATE_RADIUS_PX` are merged (probabilities added, values
+       averaged with the probabilities as weights).
+    5. A detection needs a (merged) probability of at least ``threshold``; the reported
+       ``prob`` is capped at 1.
+
+    The candidates do not depend on ``threshold`` (calibration relies on that).
     """
     table, tile = decode_maps_table(m, f, threshold)
     edges = np.searchsorted(tile, np.arange(m["prob"].shape[0] + 1))
@@ -166,37 +190,51 @@ def decode_maps(m: dict, f: int, threshold: float) -> list[np.ndarray]:
 def decode_maps_table(m: dict, f: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """:func:`decode_maps` as one table for all tiles, ordered by tile, and each row's tile
     index (what long stacks need: no Python work per tile)."""
+    tile, mass, values = _decode_candidates(m, f)
+    tile, mass, values = _merge_split_candidates(tile, mass, values)
+    keep = mass >= threshold
+    table = empty_table(int(keep.sum()))
+    for key, v in values.items():
+        table[key] = v[keep]
+    table["prob"] = np.minimum(mass[keep], 1.0)
+    table["sigma"] = np.nan
+    return table, tile[keep]
+
+
+def _decode_candidates(m: dict, f: int):
+    """Steps 1-3 of :func:`decode_maps`: (tile index, probability, {column: values}) of every
+    candidate, as numpy arrays in row-major order (so grouped by tile)."""
     p = m["prob"].float()
     n_tiles, h, w = p.shape
-    k = 2 * f + 1
-
-    def window_sum(a):
-        return F.avg_pool2d(a[:, None], k, 1, k // 2, count_include_pad=True)[:, 0] * (k * k)
-
     dev = p.device
-    mass = window_sum(p)
-    # Every window that holds a compact blob whole has the same mass (a plateau): prefer the
-    # window centred on the blob (most probability in its central 3x3), then a fixed order.
-    # Float64 so that these small tie-breakers are not lost to rounding.
-    p3 = F.avg_pool2d(p[:, None], 3, 1, 1, count_include_pad=True)[:, 0] * 9
-    order = torch.arange(h * w, device=dev, dtype=torch.float64).reshape(h, w)
-    score = mass.double() + 1e-4 * p3.double() + 1e-13 * order
-    peak = (score >= F.max_pool2d(score[:, None], k, 1, k // 2)[:, 0]) & (mass >= threshold)
-    n, j, i = torch.nonzero(peak, as_tuple=True)
-    norm = mass[n, j, i].clamp_min(1e-12)
-    # Only the windows around the peaks are needed: gather them (a few per tile) instead of
-    # pooling every map over the whole tile (that was a sixth of the end-to-end time).
+    k = 2 * f + 1
     r = k // 2
+    p3 = F.avg_pool2d(p[:, None], 3, 1, 1, count_include_pad=True)[:, 0] * 9
+    # ties (a blob split evenly over two pixels) go to the stronger pixel, then a fixed order;
+    # float64 so that these small tie-breakers are not lost to rounding
+    order = torch.arange(h * w, device=dev, dtype=torch.float64).reshape(h, w)
+    score = p3.double() + 1e-4 * p.double() + 1e-13 * order
+    cand = (score >= F.max_pool2d(score[:, None], 3, 1, 1)[:, 0]) & (p3 >= CANDIDATE_FLOOR)
     d = torch.arange(-r, r + 1, device=dev)
+    dist2 = (d[:, None] ** 2 + d[None, :] ** 2).float()
+    kernel = torch.exp(-dist2 / (2 * (SHARE_SIGMA_PX * f) ** 2))
+    strength = torch.where(cand, p3, torch.zeros((), device=dev))
+    # each pixel's total claim: the sum over candidates of strength x proximity
+    claims = F.conv2d(strength[:, None], kernel[None, None], padding=r)[:, 0]
+    n, j, i = torch.nonzero(cand, as_tuple=True)
+    # only the windows around the candidates are needed: gather them (a few per tile)
     win_rows = (j[:, None, None] + d[None, :, None]).expand(-1, k, k).reshape(-1, k * k)
     win_cols = (i[:, None, None] + d[None, None, :]).expand(-1, k, k).reshape(-1, k * k)
     inside = (win_rows >= 0) & (win_rows < h) & (win_cols >= 0) & (win_cols < w)
     win_rows, win_cols = win_rows.clamp(0, h - 1), win_cols.clamp(0, w - 1)
     tile = n[:, None].expand_as(win_rows)
-    pw = torch.where(inside, p[tile, win_rows, win_cols], torch.zeros((), device=dev))
+    share = strength[n, j, i][:, None] * kernel.reshape(1, -1) / claims[tile, win_rows, win_cols].clamp_min(1e-12)
+    pw = torch.where(inside, p[tile, win_rows, win_cols] * share, torch.zeros((), device=dev))
+    mass = pw.sum(1)
+    norm = mass.clamp_min(1e-12)
 
     def weighted(a, grid=0.0):
-        """Probability-weighted window mean of map ``a`` (plus the pixel-centre ``grid``)."""
+        """Share-weighted window mean of map ``a`` (plus the pixel-centre ``grid``)."""
         v = a.float()[tile, win_rows, win_cols] + grid
         return (pw * torch.where(inside, v, torch.zeros((), device=dev))).sum(1) / norm
 
@@ -205,17 +243,40 @@ def decode_maps_table(m: dict, f: int, threshold: float) -> tuple[np.ndarray, np
         "y": weighted(m["offset_y"], (win_rows + 0.5) / f - 0.5),
         "photons": weighted(m["photons"]),
         "background": weighted(m["background"]),
-        "prob": mass[n, j, i].clamp(max=1.0),
         "unc_x": weighted(m["sigma_x"]),
         "unc_y": weighted(m["sigma_y"]),
     }
-    values = torch.stack(list(cols.values())).cpu().numpy()  # one transfer from a GPU
-    table = empty_table(len(n))
-    for key, v in zip(cols, values):
-        table[key] = v
-    table["sigma"] = np.nan
-    # torch.nonzero lists the peaks in row-major order: already grouped by tile
-    return table, n.cpu().numpy()
+    values = torch.stack([mass, *cols.values()]).double().cpu().numpy()  # one GPU transfer
+    return n.cpu().numpy(), values[0], dict(zip(cols, values[1:]))
+
+
+def _merge_split_candidates(tile, mass, values, radius: float = DUPLICATE_RADIUS_PX):
+    """Step 4 of :func:`decode_maps`: candidates of one tile closer than ``radius`` become one
+    (mass added, values mass-weighted); the order (by tile) is kept."""
+    if len(mass) < 2:
+        return tile, mass, values
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    # tiles far apart in x: pairs never cross tiles
+    xy = np.stack([values["x"] + tile * (4.0 * radius + 1e4), values["y"]], axis=1)
+    pairs = cKDTree(xy).query_pairs(radius, output_type="ndarray")
+    if not len(pairs):
+        return tile, mass, values
+    n = len(mass)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    n_groups, group = connected_components(graph, directed=False)
+    # groups numbered by their first member, so group order follows the candidates' order
+    first = np.full(n_groups, n)
+    np.minimum.at(first, group, np.arange(n))
+    rank = np.empty(n_groups, np.intp)
+    rank[np.argsort(first)] = np.arange(n_groups)
+    group = rank[group]
+    total = np.bincount(group, mass, n_groups)
+    weight = np.maximum(total, 1e-12)
+    merged = {key: np.bincount(group, v * mass, n_groups) / weight for key, v in values.items()}
+    return tile[np.sort(first)], total, merged
 
 
 class Predictor:

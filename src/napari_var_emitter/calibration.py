@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .camera import Camera
-from .metrics import match_tables
 
 #: thresholds tried (the decoder's integrated probability is capped at 1)
 THRESHOLD_GRID = tuple(np.round(np.arange(0.30, 0.951, 0.025), 3))
@@ -133,6 +132,10 @@ def calibration_from_runs(runs, tolerance_nm: float = 250.0,
     whose localisations were decoded at a threshold no higher than ``THRESHOLD_GRID[0]``:
     the threshold with the best mean Jaccard, then the per-axis std of
     ``(estimate - truth) / uncertainty`` over the detections matched at that threshold."""
+    # imported here: every Predictor imports this module, and scipy.optimize (matching)
+    # would add half a second to each `predict` start-up
+    from .metrics import match_tables
+
     px = float(pixel_size_nm)
 
     def jaccard(truth, pred):

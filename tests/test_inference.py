@@ -274,6 +274,33 @@ def test_localisations_come_ordered_by_frame_then_y_then_x():
     assert np.array_equal(np.lexsort((t["x"], t["y"], t["frame"])), np.arange(len(t)))
 
 
+def test_bundled_model_finds_both_emitters_of_close_pairs():
+    """Emitters with a neighbour 180-300 nm away (inside the 250 nm matching tolerance, so
+    one localisation between them matches only one) are found as often as a microscopist
+    needs at 2/um^2: the decoder must not merge such pairs (the window-sum decoder of v0.5
+    found 58 % of them; measured 83 % with this one, isolated emitters 98 %)."""
+    from napari_var_emitter.metrics import match_tables
+    from napari_var_emitter.simulation import simulate_movie
+
+    movie = simulate_movie(40, (40, 40), rng=21, density_per_um2=2.0, photons=(1000, 5000),
+                           highres_factor=None)
+    truth = movie.table_in_view()
+    locs = Predictor.from_pretrained(device="cpu").predict(movie.adu, maps=False).localizations
+    ti, _ = match_tables(truth, locs, 250.0, 100.0)
+    found = np.zeros(len(truth), bool)
+    found[ti] = True
+    nearest = np.full(len(truth), np.inf)
+    for frame in np.unique(truth["frame"]):
+        idx = np.flatnonzero(truth["frame"] == frame)
+        d = np.hypot(truth["x"][idx, None] - truth["x"][idx], truth["y"][idx, None] - truth["y"][idx])
+        np.fill_diagonal(d, np.inf)
+        nearest[idx] = d.min(1)
+    close = (nearest >= 1.8) & (nearest < 3.0)
+    assert close.sum() > 200
+    assert found[close].mean() > 0.72
+    assert found[nearest >= 4].mean() > 0.95
+
+
 def test_bundled_model_maps_at_every_scale_locate_the_emitters():
     """The 2x, 4x and 8x probability maps of the shipped model each decode to the emitters
     (the maps users look at must mean what the localisations say)."""

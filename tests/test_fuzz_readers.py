@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import warnings
 
 import h5py
 import numpy as np
@@ -127,7 +128,10 @@ def test_random_stacks_written_by_tifffile(shape, dtype, layout, seed):
         kw = {}  # let tifffile guess: shapes with a 3 or 4 may become RGB
     path = _scratch(".tif")
     try:
-        tifffile.imwrite(path, data, **kw)
+        with warnings.catch_warnings():
+            # the guess is the point of this layout: tifffile warns that it will stop guessing
+            warnings.simplefilter("ignore", DeprecationWarning)
+            tifffile.imwrite(path, data, **kw)
         result = _read_all(path)
         squeezed = data.reshape([n for n in shape[:-2] if n > 1] + list(shape[-2:]))
         extra = squeezed.ndim - 2

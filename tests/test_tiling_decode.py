@@ -114,3 +114,13 @@ def test_decode_merges_one_emitter_whose_probability_has_two_maxima():
     assert len(t) == 1
     assert t["x"][0] == pytest.approx(ex, abs=1e-5) and t["y"][0] == pytest.approx(ey, abs=1e-5)
     assert t["prob"][0] == pytest.approx(0.8, abs=1e-5)
+
+
+def test_decode_never_merges_detections_of_different_tiles():
+    # the same emitter position in two tiles of one batch: one detection in each tile
+    f = 2
+    one = _maps(f, 10, 10, _blob(f, 4.2, 3.7, 0.6, 0.3))
+    both = {k: torch.cat([v, v]) for k, v in one.items()}
+    tables = decode_maps(both, f, threshold=0.5)
+    assert [len(t) for t in tables] == [1, 1]
+    assert tables[0]["x"][0] == pytest.approx(tables[1]["x"][0]) == pytest.approx(4.2, abs=1e-5)

@@ -263,8 +263,9 @@ def _merge_split_candidates(tile, mass, values, radius: float = DUPLICATE_RADIUS
     from scipy.sparse.csgraph import connected_components
     from scipy.spatial import cKDTree
 
-    # tiles far apart in x: pairs never cross tiles
-    xy = np.stack([values["x"] + tile * (4.0 * radius + 1e4), values["y"]], axis=1)
+    # each tile shifted beyond the previous one in x: pairs never cross tiles
+    span = float(values["x"].max() - values["x"].min()) + 2.0 * radius + 1.0
+    xy = np.stack([values["x"] + tile * span, values["y"]], axis=1)
     pairs = cKDTree(xy).query_pairs(radius, output_type="ndarray")
     if not len(pairs):
         return tile, mass, values

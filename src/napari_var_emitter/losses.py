@@ -240,10 +240,12 @@ class UncertaintyLoss:
     """Calibration of the predicted sigmas for the position the decoder reports.
 
     :func:`~.inference.decode_maps` reports, for each detection, the probability-weighted
-    mean position and sigma over a window of ``2f + 1`` map pixels centred on a local
-    maximum of the windowed probability mass. This term rebuilds that estimator for each
-    true emitter: the window is centred on the pixel of the 3x3 neighbourhood of the
-    containing pixel with the most windowed mass (the peak a detector would report), the
+    mean position and sigma over a window of ``2f + 1`` map pixels around a candidate peak
+    (pixels shared with neighbouring candidates count in part). This term rebuilds that
+    estimator for each true emitter as if it were isolated: the window is centred on the
+    pixel of the 3x3 neighbourhood of the containing pixel with the most windowed mass (for
+    an isolated compact blob the decoder's peak too; the decoder of sessions 1-5 used this
+    exact rule, and the bundled model was trained with it), the
     position is the weighted mean there (detached: this term only moves the sigmas) and the
     sigma the weighted mean sigma. Loss: Gaussian NLL of the true position, summed over x
     and y, plus ``floor_weight * relu(log(floor) - log sigma)^2`` so sigmas cannot collapse

@@ -292,7 +292,8 @@ def test_bundled_model_finds_both_emitters_of_close_pairs():
     nearest = np.full(len(truth), np.inf)
     for frame in np.unique(truth["frame"]):
         idx = np.flatnonzero(truth["frame"] == frame)
-        d = np.hypot(truth["x"][idx, None] - truth["x"][idx], truth["y"][idx, None] - truth["y"][idx])
+        x, y = truth["x"][idx], truth["y"][idx]
+        d = np.hypot(x[:, None] - x, y[:, None] - y)
         np.fill_diagonal(d, np.inf)
         nearest[idx] = d.min(1)
     close = (nearest >= 1.8) & (nearest < 3.0)

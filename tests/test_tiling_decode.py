@@ -90,8 +90,8 @@ def _blob(f, ex, ey, centre, ring):
 
 @pytest.mark.parametrize("gap", [1.6, 2.0, 2.3])
 def test_decode_resolves_two_emitters_closer_than_the_matching_tolerance(gap):
-    # two compact blobs (0.8 each) 1.6-2.3 input px apart (3-5 x2 pixels): a window centred between them
-    # holds more probability than either alone, and the decoder must still report two
+    # two compact blobs (0.8 each) 1.6-2.3 input px apart (3-5 x2 pixels): a window centred
+    # between them holds more probability than either alone; the decoder must report two
     f = 2
     emitters = [(5.2, 6.1), (5.2 + gap, 6.1)]
     peaks = [pk for ex, ey in emitters for pk in _blob(f, ex, ey, 0.5, 0.3)]

@@ -206,7 +206,7 @@ def _decode_candidates(m: dict, f: int):
     """Steps 1-3 of :func:`decode_maps`: (tile index, probability, {column: values}) of every
     candidate, as numpy arrays in row-major order (so grouped by tile)."""
     p = m["prob"].float()
-    n_tiles, h, w = p.shape
+    _, h, w = p.shape
     dev = p.device
     k = 2 * f + 1
     r = k // 2
@@ -224,7 +224,7 @@ def _decode_candidates(m: dict, f: int):
     kernel = torch.exp(-dist2 / (2 * (SHARE_SIGMA_PX * f) ** 2))
     strength = torch.where(cand, p3, torch.zeros((), device=dev))
     # each pixel's total claim: the sum over candidates of strength x proximity
-    claims = F.conv2d(strength[:, None], kernel[None, None], padding=r)[:, 0]
+    claims = F.conv2d(strength[:, None], kernel[None, None], padding=r)[:, 0].clamp_min(1e-12)
     n, j, i = torch.nonzero(cand, as_tuple=True)
     # only the windows around the candidates are needed: gather them (a few per tile)
     win_rows = (j[:, None, None] + d[None, :, None]).expand(-1, k, k).reshape(-1, k * k)
@@ -232,7 +232,7 @@ def _decode_candidates(m: dict, f: int):
     inside = (win_rows >= 0) & (win_rows < h) & (win_cols >= 0) & (win_cols < w)
     win_rows, win_cols = win_rows.clamp(0, h - 1), win_cols.clamp(0, w - 1)
     tile = n[:, None].expand_as(win_rows)
-    share = strength[n, j, i][:, None] * kernel.reshape(1, -1) / claims[tile, win_rows, win_cols].clamp_min(1e-12)
+    share = strength[n, j, i][:, None] * kernel.reshape(1, -1) / claims[tile, win_rows, win_cols]
     pw = torch.where(inside, p[tile, win_rows, win_cols] * share, torch.zeros((), device=dev))
     mass = pw.sum(1)
     norm = mass.clamp_min(1e-12)

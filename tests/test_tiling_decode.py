@@ -124,3 +124,45 @@ def test_decode_never_merges_detections_of_different_tiles():
     tables = decode_maps(both, f, threshold=0.5)
     assert [len(t) for t in tables] == [1, 1]
     assert tables[0]["x"][0] == pytest.approx(tables[1]["x"][0]) == pytest.approx(4.2, abs=1e-5)
+
+
+def test_decode_does_not_chain_two_emitters_through_a_weak_candidate_between_them():
+    # two blobs 1.8 px apart (x2 columns 9 and 12, row 13) and a weak candidate 2 px above
+    # them whose offsets point midway, 0.9 px from each: one blob may absorb it, but the two
+    # blobs stay two detections
+    f = 2
+    peaks = [pk for ex in (4.0, 5.8) for pk in _blob(f, ex, 6.0, 0.5, 0.3)]
+    row, col = 9, 11
+    peaks.append((row, col, 0.15, 4.9 - ((col + 0.5) / f - 0.5), 6.0 - ((row + 0.5) / f - 0.5)))
+    (t,) = decode_maps(_maps(f, 14, 14, peaks), f, threshold=0.5)
+    assert len(t) == 2
+    assert np.sort(t["x"]) == pytest.approx([4.0, 5.8], abs=0.2)
+
+
+@pytest.mark.parametrize("f, side", [(2, 5), (4, 9), (8, 14)])
+def test_decode_finds_a_flat_blob_whole_at_every_scale(f, side):
+    # 0.8 spread evenly over side x side map pixels (up to 1.75 input px across): one
+    # detection carrying all of it, whatever the map factor
+    m = _maps(f, 12, 12, [])
+    c0 = f * 6 - side // 2
+    m["prob"][0, c0:c0 + side, c0:c0 + side] = 0.8 / side ** 2
+    (t,) = decode_maps(m, f, threshold=0.5)
+    assert len(t) == 1 and t["prob"][0] == pytest.approx(0.8, abs=1e-4)
+
+
+def test_decoding_at_a_threshold_keeps_exactly_the_low_threshold_detections_above_it():
+    # calibration decodes once at a low threshold and filters by prob: that must equal
+    # decoding at each threshold (the candidates may not depend on the threshold)
+    rng = np.random.default_rng(3)
+    f = 2
+    peaks = []
+    for _ in range(40):
+        ex, ey = rng.uniform(1, 19, 2)
+        peaks += _blob(f, ex, ey, rng.uniform(0.05, 0.6), rng.uniform(0.05, 0.4))
+    m = _maps(f, 20, 20, peaks)
+    (low,) = decode_maps(m, f, threshold=0.2)
+    for t in (0.3, 0.45, 0.6, 0.8):
+        (at,) = decode_maps(m, f, threshold=t)
+        kept = low[low["prob"] >= t]
+        assert len(at) == len(kept)
+        assert np.array_equal(at["x"], kept["x"]) and np.array_equal(at["prob"], kept["prob"])

@@ -35,9 +35,9 @@ MAX_TILES_WITH_MAPS = 16
 #: emitter whose position two neighbouring tiles estimate on opposite sides of the core
 #: border is still seen by both; :func:`merge_frame_detections` keeps one of them
 BORDER_BAND_PX = 1.0
-#: detections of two different tiles closer than this (input px) are one emitter (the
-#: tiles see the same pixels and differ only in context, so their estimates of one emitter
-#: differ far less than this; a tile that sees two emitters this close reports both)
+#: detections closer than this (input px) are one emitter: twins from two different tiles
+#: (the tiles see the same pixels and differ only in context, so their estimates of one
+#: emitter differ far less than this) and two maxima of one blob within a tile (the decoder)
 DUPLICATE_RADIUS_PX = 1.0
 BUNDLED_WEIGHTS = "var_emitter_default.pth"
 
@@ -147,7 +147,8 @@ def tile_grid(size: int, tile: int, margin: int):
     return starts, bounds
 
 
-#: a map pixel whose 3x3 neighbourhood holds less probability than this starts no candidate
+#: a map pixel whose neighbourhood (about one input pixel across) holds less probability
+#: than this starts no candidate
 #: (far below any calibrated threshold; it bounds the decoder's work on empty tiles)
 CANDIDATE_FLOOR = 0.05
 #: width (input px) of the proximity weight that shares a map pixel's probability between
@@ -162,9 +163,10 @@ def decode_maps(m: dict, f: int, threshold: float) -> list[np.ndarray]:
     scales), so each detection integrates the probability within a window of one input
     pixel's radius (``2f + 1`` map pixels) around a candidate. Decoding:
 
-    1. **Candidates** are the local maxima (within about half an input pixel: 3x3 map
-       pixels at x2, 5x5 at x4) of the probability summed over 3x3 map pixels: compact
-       blobs, so two emitters 1.5-2.5 px apart give two candidates. (An
+    1. **Candidates** are the local maxima of the probability summed within about half an
+       input pixel either way (3x3 map pixels at x2, 5x5 at x4, 9x9 at x8; ties go to the
+       stronger pixel, then to the fuller window): compact blobs, so two
+       emitters 1.5-2.5 px apart give two candidates. (An
        earlier decoder took maxima of the whole-window sum; a window centred between two
        such emitters holds more than either alone, so the pair was reported once and about
        half of all emitters with a neighbour within 2.5 px were missed.)
@@ -210,14 +212,16 @@ def _decode_candidates(m: dict, f: int):
     dev = p.device
     k = 2 * f + 1
     r = k // 2
-    p3 = F.avg_pool2d(p[:, None], 3, 1, 1, count_include_pad=True)[:, 0] * 9
-    # ties (a blob split evenly over two pixels) go to the stronger pixel, then a fixed order;
-    # float64 so that these small tie-breakers are not lost to rounding
-    order = torch.arange(h * w, device=dev, dtype=torch.float64).reshape(h, w)
-    score = p3.double() + 1e-4 * p.double() + 1e-13 * order
-    # a candidate is the maximum within about half an input pixel either way (3x3 at x2,
-    # 5x5 at x4, 9x9 at x8: at finer scales one blob spans more map pixels)
+    # blob strength: the probability within about half an input pixel either way (3x3 map
+    # pixels at x2, 5x5 at x4, 9x9 at x8: at finer scales one blob spans more map pixels);
+    # a candidate is the strongest pixel within that distance
     c = max(3, 2 * (f // 2) + 1)
+    p3 = F.avg_pool2d(p[:, None], c, 1, c // 2, count_include_pad=True)[:, 0] * (c * c)
+    # ties go to the stronger pixel, then (a flat blob) to the pixel whose whole window
+    # holds the most, then a fixed order; float64 so these tie-breakers survive rounding
+    window = F.avg_pool2d(p[:, None], k, 1, r, count_include_pad=True)[:, 0] * (k * k)
+    order = torch.arange(h * w, device=dev, dtype=torch.float64).reshape(h, w)
+    score = p3.double() + 1e-4 * p.double() + 1e-8 * window.double() + 1e-13 * order
     cand = (score >= F.max_pool2d(score[:, None], c, 1, c // 2)[:, 0]) & (p3 >= CANDIDATE_FLOOR)
     d = torch.arange(-r, r + 1, device=dev)
     dist2 = (d[:, None] ** 2 + d[None, :] ** 2).float()
@@ -256,32 +260,50 @@ def _decode_candidates(m: dict, f: int):
 
 def _merge_split_candidates(tile, mass, values, radius: float = DUPLICATE_RADIUS_PX):
     """Step 4 of :func:`decode_maps`: candidates of one tile closer than ``radius`` become one
-    (mass added, values mass-weighted); the order (by tile) is kept."""
-    if len(mass) < 2:
+    (mass added, values mass-weighted); the order (by tile) is kept.
+
+    Greedy, strongest first: a candidate absorbs the weaker ones within ``radius`` of itself
+    that no stronger candidate has absorbed. (Connected groups would chain: a weak candidate
+    between two emitters 1.8 px apart would merge all three into one.)"""
+    finite = np.isfinite(values["x"]) & np.isfinite(values["y"])
+    if finite.sum() < 2:
         return tile, mass, values
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
     from scipy.spatial import cKDTree
 
+    idx = np.flatnonzero(finite)
+    x, y = values["x"][idx], values["y"][idx]
     # each tile shifted beyond the previous one in x: pairs never cross tiles
-    span = float(values["x"].max() - values["x"].min()) + 2.0 * radius + 1.0
-    xy = np.stack([values["x"] + tile * span, values["y"]], axis=1)
-    pairs = cKDTree(xy).query_pairs(radius, output_type="ndarray")
+    span = float(x.max() - x.min()) + 2.0 * radius + 1.0
+    pairs = cKDTree(np.stack([x + tile[idx] * span, y], axis=1)).query_pairs(
+        radius, output_type="ndarray")
+    if len(pairs):
+        pairs = idx[pairs]
+        d = np.hypot(values["x"][pairs[:, 0]] - values["x"][pairs[:, 1]],
+                     values["y"][pairs[:, 0]] - values["y"][pairs[:, 1]])
+        pairs = pairs[d < radius]
     if not len(pairs):
         return tile, mass, values
     n = len(mass)
-    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    n_groups, group = connected_components(graph, directed=False)
-    # groups numbered by their first member, so group order follows the candidates' order
-    first = np.full(n_groups, n)
-    np.minimum.at(first, group, np.arange(n))
-    rank = np.empty(n_groups, np.intp)
-    rank[np.argsort(first)] = np.arange(n_groups)
-    group = rank[group]
-    total = np.bincount(group, mass, n_groups)
+    neighbours: dict[int, list[int]] = {}
+    for a, b in pairs:
+        neighbours.setdefault(int(a), []).append(int(b))
+        neighbours.setdefault(int(b), []).append(int(a))
+    owner = np.arange(n)
+    taken = np.zeros(n, bool)
+    for c in sorted(neighbours, key=lambda q: (-mass[q], q)):
+        if taken[c]:
+            continue
+        taken[c] = True
+        for nb in neighbours[c]:
+            if not taken[nb]:
+                taken[nb] = True
+                owner[nb] = c
+    heads, group = np.unique(owner, return_inverse=True)  # heads in index order = tile order
+    total = np.bincount(group, mass, len(heads))
     weight = np.maximum(total, 1e-12)
-    merged = {key: np.bincount(group, v * mass, n_groups) / weight for key, v in values.items()}
-    return tile[np.sort(first)], total, merged
+    merged = {key: np.bincount(group, v * mass, len(heads)) / weight
+              for key, v in values.items()}
+    return tile[heads], total, merged
 
 
 class Predictor:

@@ -5,9 +5,8 @@ Training leaves two numbers that held-out data decide better than the loss does:
 - **the detection threshold**: the decoder reports a detection when the probability it
   attributes to one candidate (summed over a window of one input pixel's radius, shared
   with overlapping candidates; :func:`~.inference.decode_maps`) reaches it. 0.5 is the
-  natural choice for a
-  perfectly calibrated probability; a model that spreads a little probability onto noise
-  does better a bit higher, one that is under-confident a bit lower.
+  natural choice for a perfectly calibrated probability; a model that spreads a little
+  probability onto noise does better a bit higher, one that is under-confident a bit lower.
 - **the uncertainty scale**: the predicted sigmas are trained to be calibrated, but the
   decoder's estimate (a probability-weighted mean over several map pixels) is not exactly
   the one the loss sees. One factor per axis, ``std((estimate - truth) / sigma)`` over the

@@ -283,21 +283,7 @@ def _merge_split_candidates(tile, mass, values, radius: float = DUPLICATE_RADIUS
         pairs = pairs[d < radius]
     if not len(pairs):
         return tile, mass, values
-    n = len(mass)
-    neighbours: dict[int, list[int]] = {}
-    for a, b in pairs:
-        neighbours.setdefault(int(a), []).append(int(b))
-        neighbours.setdefault(int(b), []).append(int(a))
-    owner = np.arange(n)
-    taken = np.zeros(n, bool)
-    for c in sorted(neighbours, key=lambda q: (-mass[q], q)):
-        if taken[c]:
-            continue
-        taken[c] = True
-        for nb in neighbours[c]:
-            if not taken[nb]:
-                taken[nb] = True
-                owner[nb] = c
+    owner = _greedy_owners(len(mass), pairs, np.argsort(-mass, kind="stable"))
     heads, group = np.unique(owner, return_inverse=True)  # heads in index order = tile order
     total = np.bincount(group, mass, len(heads))
     weight = np.maximum(total, 1e-12)
@@ -544,19 +530,31 @@ def merge_frame_detections(tab, own, src, radius: float = DUPLICATE_RADIUS_PX) -
     pairs = pairs[src[pairs[:, 0]] != src[pairs[:, 1]]] if len(pairs) else pairs
     if not len(pairs):
         return keep
-    neighbours: dict[int, list[int]] = {}
-    for i, j in pairs:
-        neighbours.setdefault(int(i), []).append(int(j))
-        neighbours.setdefault(int(j), []).append(int(i))
-    decided = np.zeros(len(tab), bool)
     # own-core detections first, then by probability: greedy suppression of cross-tile twins
-    for i in np.lexsort((-tab["prob"], ~np.asarray(own, bool))):
-        if i not in neighbours:
+    owner = _greedy_owners(len(tab), pairs, np.lexsort((-tab["prob"], ~np.asarray(own, bool))))
+    return owner == np.arange(len(tab))
+
+
+def _greedy_owners(n: int, pairs, order) -> np.ndarray:
+    """Greedy grouping of ``n`` items linked by ``pairs`` (k, 2): in ``order`` (strongest
+    first), an item not yet owned owns itself and every unowned item linked to it. Returns
+    each item's owner (an item that owns itself heads its group). Used for a tile's split
+    candidates and for twins of neighbouring tiles alike."""
+    neighbours: dict[int, list[int]] = {}
+    for a, b in pairs:
+        neighbours.setdefault(int(a), []).append(int(b))
+        neighbours.setdefault(int(b), []).append(int(a))
+    owner = np.arange(n)
+    taken = np.zeros(n, bool)
+    for c in order:
+        if taken[c] or c not in neighbours:
             continue
-        if any(decided[j] and keep[j] for j in neighbours[i]):
-            keep[i] = False
-        decided[i] = True
-    return keep
+        taken[c] = True
+        for nb in neighbours[c]:
+            if not taken[nb]:
+                taken[nb] = True
+                owner[nb] = c
+    return owner
 
 
 def run_to_end(gen):

@@ -113,6 +113,21 @@ def test_evaluate_tables_hand_made_case():
     assert all(type(v) in (int, float) for v in r.values())
 
 
+def test_recall_of_emitters_at_the_frame_border():
+    # a 40x30 frame: borders at -0.5 and 39.5 (x), -0.5 and 29.5 (y); the band is 1 px wide
+    truth = make_table(frame=[0] * 5, x=[-0.3, 39.2, 20.0, 10.0, 5.0],
+                       y=[15.0, 15.0, 29.0, 15.0, 10.0])
+    # the emitters at x=-0.3 and at 10.0 are found; at 39.2 and at y=29.0 (both in the band)
+    # and at 5.0 missed
+    pred = make_table(frame=[0, 0], x=[-0.2, 10.1], y=[15.0, 15.0])
+    r = evaluate_tables(truth, pred, pixel_size_nm=100.0, image_shape=(30, 40))
+    assert r["n_true_border"] == 3
+    assert r["recall_border"] == pytest.approx(1 / 3)
+    assert r["recall"] == pytest.approx(2 / 5)
+    # without the frame size the border is unknown
+    assert "recall_border" not in evaluate_tables(truth, pred, pixel_size_nm=100.0)
+
+
 def test_evaluate_tables_empty_inputs():
     truth = make_table([0, 1], [1.0, 2.0], [1.0, 2.0])
     r = evaluate_tables(truth, empty_table(0))

@@ -331,6 +331,27 @@ def test_training_tables_line_up_with_bright_spots():
     assert n_emitters == pytest.approx(32 * 0.45 * 16, rel=0.25)
 
 
+def _share_near_border(tables, shape, px=1.0):
+    t = np.concatenate(tables)
+    h, w = shape
+    d = np.minimum.reduce([t["x"] + 0.5, w - 0.5 - t["x"], t["y"] + 0.5, h - 0.5 - t["y"]])
+    return float(np.mean(d < px)), len(t)
+
+
+def test_edge_fraction_puts_more_training_emitters_at_the_border():
+    # half-cut spots at the frame border are rare in uniform draws; edge_fraction trains on more
+    base = dict(frame_size=[40, 40], density_per_um2=[3.0, 3.0], filament_fraction=0.0)
+    plain, n_plain = _share_near_border(
+        sample_training_batch(SimulationConfig(**base), 64, 5).tables, (40, 40))
+    edges, n_edges = _share_near_border(
+        sample_training_batch(SimulationConfig(edge_fraction=0.5, **base), 64, 5).tables,
+        (40, 40))
+    assert plain == pytest.approx(1 - (38 / 40) ** 2, abs=0.03)  # the area share, ~10 %
+    assert edges > 2.5 * plain
+    # the expected number of emitters is unchanged; a part of the band lies outside the frame
+    assert 0.7 * n_plain < n_edges < n_plain
+
+
 def test_training_batch_is_fast_enough_smoke():
     # correctness of the fast path at high density (speed itself is in benchmarks/)
     sim = SimulationConfig(density_per_um2=[5.0, 5.0], filament_fraction=1.0)

@@ -198,6 +198,11 @@ class SimulationConfig:
     qe: list = field(default_factory=lambda: [0.7, 0.95])
     mean_on_frames: float = 3.0
     edge_margin_px: float = 1.0  # emitters may lie this far outside the frame
+    # share of a uniform scene's emitters drawn in the band within edge_band_px of the frame
+    # border (either side of it) instead of anywhere: half-cut spots are rare in uniform
+    # draws (10 % of a 40x40 tile lies within 1 px of its border), so a model sees too few
+    edge_fraction: float = 0.0
+    edge_band_px: float = 2.0
 
     def validate(self):
         _positive_pair(self.frame_size, "simulation.frame_size")
@@ -208,11 +213,13 @@ class SimulationConfig:
             _range(getattr(self, name), f"simulation.{name}")
         if self.sigma_px[0] <= 0 or self.e_per_adu[0] <= 0 or self.qe[0] <= 0 or self.qe[1] > 1:
             raise ConfigError("simulation sigma_px, e_per_adu and qe must be positive (qe <= 1)")
-        for name in ("filament_fraction", "emccd_fraction"):
+        for name in ("filament_fraction", "emccd_fraction", "edge_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"simulation.{name} must be in [0, 1]")
         if not self.mean_on_frames >= 1:
             raise ConfigError("simulation.mean_on_frames must be >= 1")
+        if not self.edge_margin_px >= 0 or not self.edge_band_px > 0:
+            raise ConfigError("simulation.edge_margin_px must be >= 0 and edge_band_px > 0")
 
 
 @dataclass

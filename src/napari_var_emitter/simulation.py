@@ -264,6 +264,19 @@ def _uniform_positions(rng, n, shape, margin_px):
     return x, y
 
 
+def _edge_band_positions(rng, n, shape, margin_px, band_px):
+    """``n`` positions within ``band_px`` inside or ``margin_px`` outside the frame border:
+    a side chosen in proportion to its length, uniform along it and across the band."""
+    h, w = shape
+    depth = rng.uniform(-margin_px, band_px, n)  # inward from the border at -0.5 / size-0.5
+    side = rng.choice(4, n, p=np.array([w, w, h, h], float) / (2 * (w + h)))
+    x = rng.uniform(-0.5 - margin_px, w - 0.5 + margin_px, n)
+    y = rng.uniform(-0.5 - margin_px, h - 0.5 + margin_px, n)
+    y = np.where(side == 0, -0.5 + depth, np.where(side == 1, h - 0.5 - depth, y))
+    x = np.where(side == 2, -0.5 + depth, np.where(side == 3, w - 0.5 - depth, x))
+    return x, y
+
+
 def _filament_positions(rng, n, shape, margin_px, pixel_size_nm):
     """``n`` positions along a few smooth random curves crossing the (margin-extended) field.
 
@@ -586,7 +599,9 @@ def sample_training_batch(sim: SimulationConfig, batch_size: int, rng,
     """Simulate ``batch_size`` independent training samples drawn from the ranges of ``sim``.
 
     Per sample: density uniform in ``sim.density_per_um2`` (sparse and dense equally common);
-    scene filaments with probability ``sim.filament_fraction`` else uniform; PSF sigma: a
+    scene filaments with probability ``sim.filament_fraction`` else uniform (a share
+    ``sim.edge_fraction`` of a uniform scene's emitters lies within ``sim.edge_band_px`` of the
+    border, inside or in the margin; the expected count is unchanged); PSF sigma: a
     sample value uniform in ``sim.sigma_px``, each emitter within +-10% of it (clipped to the
     range); photons: a sub-range of ``sim.photons`` drawn on a log scale, per-frame photons
     log-uniform on it; background: a level log-uniform in ``sim.background``, uniform or (half
@@ -641,6 +656,10 @@ def sample_training_batch(sim: SimulationConfig, batch_size: int, rng,
                                    poisson_pool=True)
     n_fluo = group.size
     fx, fy = _uniform_positions(rng, n_fluo, (h, w), margin)
+    if sim.edge_fraction > 0:
+        at_edge = np.nonzero(rng.random(n_fluo) < sim.edge_fraction)[0]
+        fx[at_edge], fy[at_edge] = _edge_band_positions(rng, at_edge.size, (h, w), margin,
+                                                        float(sim.edge_band_px))
     for b in np.nonzero(is_filament)[0]:
         sel = np.nonzero(group == b)[0]
         if sel.size:

@@ -229,3 +229,37 @@ def test_compare_models_tta_adds_a_row_per_checkpoint(capsys, untrained_checkpoi
     compare_models.main([ckpt, "--densities", "1", "--movies", "1", "--frames", "2", "--tta"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |")]
     assert [r.split("|")[2].strip() for r in rows] == [ckpt, ckpt + " +tta"]
+
+
+def test_edge_frames_put_each_emitter_at_the_asked_distance_from_the_border():
+    import bench_edges
+    from napari_var_emitter.metrics import border_distance_px
+
+    h, w = bench_edges.SHAPE
+    for d in (-0.5, 0.0, 0.5, 2.0):
+        adu, t = bench_edges.edge_frames(np.random.default_rng(1), 40, d, 2000.0, 20.0)
+        assert adu.shape == (40, h, w) and len(t) == 40
+        np.testing.assert_allclose(border_distance_px(t, (h, w)), d, atol=1e-9)
+        # the spot is in its frame: the pixel nearest to it is far above the background
+        r = np.clip(np.rint(t["y"]).astype(int), 0, h - 1)
+        c = np.clip(np.rint(t["x"]).astype(int), 0, w - 1)
+        photons = bench_edges.CAMERA.adu_to_photons(adu)[np.arange(40), r, c]
+        assert np.median(photons) > 20.0 + 60.0
+    _, t = bench_edges.edge_frames(np.random.default_rng(1), 40, None, 2000.0, 20.0)
+    assert border_distance_px(t, (h, w)).min() >= 8.0
+
+
+def test_edge_benchmark_reports_every_distance(capsys, untrained_checkpoint):
+    import bench_edges
+
+    ckpt = str(untrained_checkpoint)
+    bench_edges.main([ckpt, "--frames", "2", "--photons", "1000"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    cells = [c.strip() for c in rows[-1].strip().strip("|").split("|")]
+    assert cells[:2] == [ckpt, "1000"]
+    values = cells[2:]
+    assert len(values) == len(bench_edges.DISTANCES_PX) + 1
+    # outside the frame the share of false detections is shown in parentheses
+    n_out = sum(d < 0 for d in bench_edges.DISTANCES_PX)
+    assert all(v.startswith("(") for v in values[:n_out])
+    assert all(0.0 <= float(v.strip("()")) <= 1.0 for v in values)

@@ -166,3 +166,24 @@ def test_decoding_at_a_threshold_keeps_exactly_the_low_threshold_detections_abov
         kept = low[low["prob"] >= t]
         assert len(at) == len(kept)
         assert np.array_equal(at["x"], kept["x"]) and np.array_equal(at["prob"], kept["prob"])
+
+
+@pytest.mark.parametrize("n, radius, groups", [(0, 1.0, 1), (1, 1.0, 1), (400, 1.0, 1),
+                                               (1500, 1.0, 25), (300, 2.5, 4)])
+def test_close_pairs_finds_exactly_the_pairs_within_the_radius(n, radius, groups):
+    from napari_var_emitter.inference import close_pairs
+
+    rng = np.random.default_rng(n)
+    x, y = rng.uniform(0, 40, n), rng.uniform(0, 40, n)
+    x[: n // 5] = np.round(x[: n // 5])  # many equal x: the sweep must look past ties
+    g = rng.integers(0, groups, n)
+    found = close_pairs(x, y, radius, g)
+    got = {tuple(sorted(map(int, p))) for p in found}
+    assert len(got) == len(found)  # each pair once
+    # brute force over all pairs
+    d = np.hypot(x[:, None] - x[None], y[:, None] - y[None])
+    i, j = np.nonzero(np.triu((d < radius) & (g[:, None] == g[None]), k=1))
+    assert got == set(zip(i.tolist(), j.tolist()))
+    # without groups every pair within the radius counts
+    d_all = np.triu(d < radius, k=1)
+    assert len(close_pairs(x, y, radius)) == int(d_all.sum())

@@ -49,6 +49,11 @@ def test_evaluate_prints_one_json_object(tmp_path, capsys):
     for key in ("recall", "precision", "count_mae", "crlb_rmse_nm"):
         assert key in res
     assert 1 < res["crlb_rmse_nm"] < 50
+    assert "recall_border" not in res  # the frame size is not known
+    # with the frame size: the recall at the frame border; every emitter is found here
+    assert main(["evaluate", "--truth", str(gt), "--pred", str(gt), "--image-size", "40", "40"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n_true_border"] > 0 and res["recall_border"] == 1.0
 
 
 @pytest.mark.parametrize("args, words", [

@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(e, "pixel-size", type=float, default=100.0)
     _opt(e, "frames", type=int, default=None, help="number of frames (counts empty frames)")
     _opt(e, "image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
-         help="frame size in pixels (edge emitters get their larger CRLB)")
+         help="frame size in pixels: edge emitters get their larger CRLB, and the recall of "
+              "the emitters within 1 px of the frame border is reported (recall_border)")
     _opt(e, "em-gain", type=float, default=1.0, help="> 1: EMCCD (excess noise 2) in the CRLB")
     _opt(e, "qe", type=float, default=1.0, help="quantum efficiency for the CRLB")
     _opt(e, "read-noise", type=float, default=0.0, help="read noise (e-) for the CRLB")

@@ -10,8 +10,9 @@ frame, or anywhere in the interior (``interior`` column), at a fixed number of p
 
 Distances are measured from the outer edge of the border pixels (0 = on the border, 0.5 = at
 the centre of the border pixel). A detection within 250 nm counts. Negative distances put
-the emitter outside the frame (it only lights the border pixels; the ground truth leaves it
-out): there the figure in parentheses is the share of frames with a false detection near it. ``bundled`` means
+the emitter outside the frame: it only lights the border pixels, and a detection near it
+is false (an evaluation with ground truth inside the frame would leave it out). There the
+figure in parentheses is the share of frames with such a false detection. ``bundled`` means
 ``Predictor.from_pretrained()``; every checkpoint sees the same frames.
 """
 

@@ -45,7 +45,8 @@ def test_round_trip(tmp_path):
     ({"loss": {"background_loss": "l1"}}, "background_loss"),
     ({"simulation": {"photons": [1000, 10]}}, "min <= max"),
     ({"simulation": {"edge_fraction": 1.5}}, "edge_fraction must be in [0, 1]"),
-    ({"simulation": {"edge_band_px": 0}}, "edge_band_px > 0"),
+    ({"simulation": {"edge_band_px": 0}}, "edge_band_px must be > 0"),
+    ({"simulation": {"edge_band_px": 30}}, "at most half the frame"),
 ])
 def test_bad_values_are_one_line_errors(bad, words):
     with pytest.raises(ConfigError) as e:

@@ -115,15 +115,17 @@ def test_evaluate_tables_hand_made_case():
 
 def test_recall_of_emitters_at_the_frame_border():
     # a 40x30 frame: borders at -0.5 and 39.5 (x), -0.5 and 29.5 (y); the band is 1 px wide
-    truth = make_table(frame=[0] * 5, x=[-0.3, 39.2, 20.0, 10.0, 5.0],
-                       y=[15.0, 15.0, 29.0, 15.0, 10.0])
-    # the emitters at x=-0.3 and at 10.0 are found; at 39.2 and at y=29.0 (both in the band)
-    # and at 5.0 missed
-    pred = make_table(frame=[0, 0], x=[-0.2, 10.1], y=[15.0, 15.0])
+    # in the band: x=-0.3 (0.2 px in), x=39.2 (0.3), y=29.0 (0.5), x=0.4 (0.9 px in);
+    # outside it: x=0.7 (1.2 px in: the band is measured from the pixel's outer edge, not
+    # its centre), x=10.0, x=5.0, and x=-0.7 (outside the frame: not a border spot)
+    truth = make_table(frame=[0] * 8, x=[-0.3, 39.2, 20.0, 0.4, 0.7, 10.0, 5.0, -0.7],
+                       y=[15.0, 15.0, 29.0, 5.0, 25.0, 15.0, 10.0, 20.0])
+    # found: x=-0.3 and x=0.4 (border), x=10.0 and x=0.7 (inner)
+    pred = make_table(frame=[0] * 4, x=[-0.2, 0.45, 10.1, 0.75], y=[15.0, 5.0, 15.0, 25.0])
     r = evaluate_tables(truth, pred, pixel_size_nm=100.0, image_shape=(30, 40))
-    assert r["n_true_border"] == 3
-    assert r["recall_border"] == pytest.approx(1 / 3)
-    assert r["recall"] == pytest.approx(2 / 5)
+    assert r["n_true_border"] == 4
+    assert r["recall_border"] == pytest.approx(2 / 4)
+    assert r["recall"] == pytest.approx(4 / 8)
     # without the frame size the border is unknown
     assert "recall_border" not in evaluate_tables(truth, pred, pixel_size_nm=100.0)
 

@@ -332,10 +332,10 @@ def test_training_tables_line_up_with_bright_spots():
 
 
 def _share_near_border(tables, shape, px=1.0):
+    from napari_var_emitter.metrics import border_distance_px
+
     t = np.concatenate(tables)
-    h, w = shape
-    d = np.minimum.reduce([t["x"] + 0.5, w - 0.5 - t["x"], t["y"] + 0.5, h - 0.5 - t["y"]])
-    return float(np.mean(d < px)), len(t)
+    return float(np.mean(border_distance_px(t, shape) < px)), len(t)
 
 
 def test_edge_fraction_puts_more_training_emitters_at_the_border():

@@ -218,8 +218,11 @@ class SimulationConfig:
                 raise ConfigError(f"simulation.{name} must be in [0, 1]")
         if not self.mean_on_frames >= 1:
             raise ConfigError("simulation.mean_on_frames must be >= 1")
-        if not self.edge_margin_px >= 0 or not self.edge_band_px > 0:
-            raise ConfigError("simulation.edge_margin_px must be >= 0 and edge_band_px > 0")
+        if not self.edge_margin_px >= 0:
+            raise ConfigError("simulation.edge_margin_px must be >= 0")
+        if not 0 < self.edge_band_px <= min(self.frame_size) / 2:
+            raise ConfigError("simulation.edge_band_px must be > 0 and at most half the "
+                              "frame's smaller side")
 
 
 @dataclass

@@ -127,7 +127,8 @@ def evaluate_tables(truth, pred, tolerance_nm: float = 250.0, pixel_size_nm: flo
     uncertainty is finite (1 = well calibrated, > 1 overconfident).
 
     With ``image_shape`` (H, W), ``recall_border`` and ``n_true_border`` are added: the recall
-    of the true emitters within :data:`BORDER_BAND_PX` of the frame border (spots cut by it).
+    of the true emitters inside the frame and within :data:`BORDER_BAND_PX` of its border
+    (spots cut by it).
     With a :class:`~napari_var_emitter.camera.Camera`, ``crlb_rmse_nm`` is added: the
     lateral CRLB (pixelwise Fisher, edge truncation when ``image_shape`` is given) of the
     matched true emitters, i.e. the RMSE an efficient estimator would reach on them.
@@ -169,7 +170,8 @@ def evaluate_tables(truth, pred, tolerance_nm: float = 250.0, pixel_size_nm: flo
     if image_shape is not None:
         # half-cut spots at the frame border are the hardest isolated emitters (and the
         # border band is ~10 % of a 40x40 frame): their recall is reported on its own
-        border = border_distance_px(truth, image_shape) < BORDER_BAND_PX
+        d = border_distance_px(truth, image_shape)
+        border = (d >= 0) & (d < BORDER_BAND_PX)  # rows outside the frame are not border spots
         result["n_true_border"] = int(border.sum())
         result["recall_border"] = _ratio(int(border[ti].sum()), int(border.sum()))
     if camera is not None:

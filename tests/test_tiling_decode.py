@@ -187,3 +187,21 @@ def test_close_pairs_finds_exactly_the_pairs_within_the_radius(n, radius, groups
     # without groups every pair within the radius counts
     d_all = np.triu(d < radius, k=1)
     assert len(close_pairs(x, y, radius)) == int(d_all.sum())
+
+
+@pytest.mark.parametrize("vertical", [True, False])
+def test_close_pairs_on_a_straight_filament(vertical):
+    from napari_var_emitter.inference import close_pairs
+
+    # detections 0.6 px apart along a line parallel to one axis (plus a NaN position): the
+    # sweep must give the same pairs whichever axis it runs along
+    along = np.arange(300) * 0.6
+    across = 20.0 + np.random.default_rng(0).normal(0, 0.05, 300)
+    x, y = (across, along) if vertical else (along, across)
+    x = np.append(x, np.nan)
+    y = np.append(y, 5.0)
+    pairs = {tuple(sorted(map(int, p))) for p in close_pairs(x, y, 1.0)}
+    d = np.hypot(x[:, None] - x[None], y[:, None] - y[None])
+    i, j = np.nonzero(np.triu(d < 1.0, k=1))
+    assert pairs == set(zip(i.tolist(), j.tolist()))
+    assert len(pairs) == 299  # each detection with its neighbours 0.6 px away only

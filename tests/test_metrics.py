@@ -130,6 +130,34 @@ def test_recall_of_emitters_at_the_frame_border():
     assert "recall_border" not in evaluate_tables(truth, pred, pixel_size_nm=100.0)
 
 
+def test_scores_per_density_band_of_the_tiles():
+    from napari_var_emitter.metrics import evaluate_by_density
+
+    area = 4.0  # um^2 per tile
+    empty = make_table([], [], [])
+    # a sparse tile (one emitter = 0.25/um^2, found, plus a false detection), an empty tile
+    # with a false detection (sparse: 0 per um^2), and a dense tile (8 emitters = 2/um^2,
+    # 6 found)
+    sparse_t = make_table([0], [10.0], [10.0])
+    sparse_p = make_table([0, 0], [10.1, 30.0], [10.0, 30.0])
+    empty_p = make_table([3], [5.0], [5.0])
+    dense_t = make_table([0] * 8, np.arange(8) * 4.0 + 2, np.full(8, 20.0))
+    dense_p = dense_t[:6].copy()
+    r = evaluate_by_density([sparse_t, empty, dense_t], [sparse_p, empty_p, dense_p], area)
+    assert r["sparse_tiles"] == 2 and r["dense_tiles"] == 1 and "medium_tiles" not in r
+    # sparse band: 1 TP, 2 FP, 0 FN; the pooled score would hide them behind the dense tile
+    assert r["sparse_jaccard"] == pytest.approx(1 / 3)
+    assert r["sparse_precision"] == pytest.approx(1 / 3) and r["sparse_recall"] == 1.0
+    assert r["dense_recall"] == pytest.approx(6 / 8) and r["dense_precision"] == 1.0
+    # pooled over all tiles the false detections hardly show: 7 TP, 2 FP, 2 FN
+    tiles_t = [sparse_t, empty, dense_t]
+    tiles_p = [sparse_p, empty_p, dense_p]
+    for k, (t, p) in enumerate(zip(tiles_t, tiles_p)):
+        t["frame"], p["frame"] = k, k
+    pooled = evaluate_tables(np.concatenate(tiles_t), np.concatenate(tiles_p))
+    assert pooled["jaccard"] == pytest.approx(7 / 11)
+
+
 def test_evaluate_tables_empty_inputs():
     truth = make_table([0, 1], [1.0, 2.0], [1.0, 2.0])
     r = evaluate_tables(truth, empty_table(0))

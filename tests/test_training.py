@@ -103,6 +103,11 @@ def test_events_report_steps_epochs_and_done_and_write_checkpoints(tmp_path):
         for key in ("loss", "perplexity", "jaccard", "recall", "count_mae"):
             assert key in e.metrics, key
         assert 0 <= e.metrics["jaccard"] <= 1
+        # the validation tiles are also scored per density band, every tile in one band
+        bands = [b for b in ("sparse", "medium", "dense") if f"{b}_tiles" in e.metrics]
+        assert bands and sum(e.metrics[f"{b}_tiles"] for b in bands) == cfg.training.val_samples
+        for b in bands:
+            assert 0 <= e.metrics[f"{b}_jaccard"] <= 1
     assert events[-1].metrics["step"] == 6
     assert len(tr.history) == 2
 

@@ -236,7 +236,9 @@ def cmd_train(a) -> int:
                 m = ev.metrics
                 msg = (f"epoch {ev.epoch}: val loss {m.get('loss', float('nan')):.4g}"
                        + (f", jaccard {m['jaccard']:.3f}, rmse {m['rmse_nm']:.1f} nm, "
-                          f"efficiency {m['efficiency']:.1f}" if "jaccard" in m else ""))
+                          f"efficiency {m['efficiency']:.1f}" if "jaccard" in m else "")
+                       + (f"; sparse tiles: jaccard {m['sparse_jaccard']:.3f}, precision "
+                          f"{m['sparse_precision']:.3f}" if "sparse_jaccard" in m else ""))
                 (bar.write if bar is not None else print)(msg)
             elif ev.kind == "cancelled":
                 cancelled = True

@@ -349,8 +349,10 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """Loss and localisation metrics (Jaccard, RMSE, efficiency) on the validation set."""
-        from .metrics import evaluate_tables
+        """Loss and localisation metrics (Jaccard, RMSE, efficiency) on the validation set,
+        pooled and per density band of the tiles (``sparse_precision``, ...; see
+        :func:`~napari_var_emitter.metrics.evaluate_by_density`)."""
+        from .metrics import evaluate_by_density, evaluate_tables
         from .table import concat_tables
 
         self.model.eval()
@@ -362,7 +364,9 @@ class Trainer:
         losses, truths, preds, perps = [], [], [], []
         ramp = {f: 1.0 for f in self.factors}
         images = None
+        tile_shape = None
         for bi, batch in enumerate(self.data.validation_batches(bs)):
+            tile_shape = batch.frames.shape[-2:]
             x = torch.from_numpy(batch.frames).to(self.device)
             with self._autocast():
                 out = model(x, factors=self.factors if batch.labeled else [], with_recon=True)
@@ -388,6 +392,8 @@ class Trainer:
                       "calibration_x", "calibration_y"):
                 if k in ev and ev[k] is not None:
                     metrics[k] = float(ev[k])
+            area_um2 = tile_shape[0] * tile_shape[1] * (px / 1000.0) ** 2
+            metrics.update(evaluate_by_density(truths, preds, area_um2, 250.0, px))
         if self.writer is not None and images is not None:
             self._log_images(*images)
         return metrics

@@ -364,9 +364,7 @@ class Trainer:
         losses, truths, preds, perps = [], [], [], []
         ramp = {f: 1.0 for f in self.factors}
         images = None
-        tile_shape = None
         for bi, batch in enumerate(self.data.validation_batches(bs)):
-            tile_shape = batch.frames.shape[-2:]
             x = torch.from_numpy(batch.frames).to(self.device)
             with self._autocast():
                 out = model(x, factors=self.factors if batch.labeled else [], with_recon=True)
@@ -392,7 +390,8 @@ class Trainer:
                       "calibration_x", "calibration_y"):
                 if k in ev and ev[k] is not None:
                     metrics[k] = float(ev[k])
-            area_um2 = tile_shape[0] * tile_shape[1] * (px / 1000.0) ** 2
+            th, tw = self.config.model.input_size  # every validation tile has this size
+            area_um2 = th * tw * (px / 1000.0) ** 2
             metrics.update(evaluate_by_density(truths, preds, area_um2, 250.0, px))
         if self.writer is not None and images is not None:
             self._log_images(*images)

@@ -272,6 +272,32 @@ def test_init_grows_a_trained_model_by_refine_blocks_without_changing_its_output
         make_trainer(tmp_path / "d", wider, init=tmp_path / "a" / "last_model.pth")
 
 
+
+def test_init_grows_a_trained_model_by_the_frame_mask_without_changing_its_output(tmp_path):
+    from napari_var_emitter.errors import CheckpointError
+    from napari_var_emitter.training import STEM_WEIGHT_KEY
+
+    cfg = tiny_config(num_epochs=1, steps_per_epoch=2)
+    first = make_trainer(tmp_path / "a", cfg)
+    _run(first)
+    d = cfg.to_dict()
+    masked_cfg = Config.from_dict({**d, "model": {**d["model"], "frame_mask": True}})
+    masked = make_trainer(tmp_path / "b", masked_cfg, init=tmp_path / "a" / "last_model.pth")
+    w = masked.module.state_dict()[STEM_WEIGHT_KEY]
+    assert w.shape[1] == first.module.state_dict()[STEM_WEIGHT_KEY].shape[1] + 1
+    x = torch.rand(2, 1, 16, 16) * 40 + 10
+    with torch.no_grad():
+        a = first.module.eval()(x, with_recon=False)["maps"]
+        b = masked.module.eval()(x, with_recon=False)["maps"]
+    for f in a:  # the mask's weights start at zero
+        for k in a[f]:
+            assert torch.equal(a[f][k], b[f][k]), (f, k)
+    _run(masked)  # and they learn: the border pixels now see where the frame ends
+    assert masked.module.state_dict()[STEM_WEIGHT_KEY][:, -1].abs().sum() > 0
+    # a model with the mask cannot lose it
+    with pytest.raises(CheckpointError, match="frame_mask"):
+        make_trainer(tmp_path / "c", cfg, init=tmp_path / "b" / "last_model.pth")
+
 def test_trainable_prefixes_train_one_part_and_freeze_the_rest(tmp_path):
     cfg = tiny_config(num_epochs=1, steps_per_epoch=3, warmup_epochs=0,
                       trainable="transformer.stages.2")

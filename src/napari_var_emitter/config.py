@@ -37,6 +37,12 @@ class ModelConfig:
     # residual conv blocks at native resolution before the scale heads (sub-pixel precision);
     # zero-initialised, so a trained model can be grown by --init into one with more blocks
     refine_blocks: int = 0
+    # feed the encoder a constant channel of ones, zero-padded by its convolutions like the
+    # image: after normalisation the image's own zero padding looks like background, so
+    # without it the first layers cannot tell "no light beyond this pixel" from "the frame
+    # ends here" (the cue that decides whether a spot cut by the border has its centre
+    # inside); its weights start at zero, so --init can grow a trained model by it
+    frame_mask: bool = False
 
     def validate(self):
         _positive_pair(self.input_size, "model.input_size")

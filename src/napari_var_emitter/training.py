@@ -485,19 +485,30 @@ def _score(metrics: dict) -> float:
     return -1e6 - (loss if math.isfinite(loss) else 1e6)
 
 
+#: the encoder's first convolution (the one that sees the input channels)
+STEM_WEIGHT_KEY = "vqvae.encoder.stem.0.weight"
+
+
 def _load_init_weights(model, src, src_cfg, cfg, path) -> None:
     """Copy ``src``'s weights into ``model`` (``--init``): same architecture, or the same
-    one grown by more ``refine_blocks`` (new blocks start as the identity, so the grown
-    model predicts exactly what ``src`` did)."""
-    same_but_refine = dataclasses.replace(src_cfg, refine_blocks=cfg.refine_blocks) == cfg
+    one grown by more ``refine_blocks`` (new blocks start as the identity) and/or by the
+    ``frame_mask`` input channel (its first-layer weights start at zero), so the grown
+    model predicts exactly what ``src`` did."""
     if src_cfg == cfg:
         model.load_state_dict(src.state_dict())
         return
-    if not same_but_refine or cfg.refine_blocks < src_cfg.refine_blocks:
+    same_but_grown = dataclasses.replace(src_cfg, refine_blocks=cfg.refine_blocks,
+                                         frame_mask=cfg.frame_mask) == cfg
+    if (not same_but_grown or cfg.refine_blocks < src_cfg.refine_blocks
+            or (src_cfg.frame_mask and not cfg.frame_mask)):
         raise CheckpointError(path, "its model section differs from this config's "
                               "(fine-tuning needs the same architecture, or more "
-                              "model.refine_blocks)")
-    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+                              "model.refine_blocks, or model.frame_mask added)")
+    state = src.state_dict()
+    if cfg.frame_mask and not src_cfg.frame_mask:
+        w = state[STEM_WEIGHT_KEY]  # (out, in, 3, 3): the mask is the last input channel
+        state[STEM_WEIGHT_KEY] = torch.cat([w, w.new_zeros(w.shape[0], 1, *w.shape[2:])], 1)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     grown = [k for k in missing if not k.startswith("transformer.refine.")]
-    if grown or unexpected:  # cannot happen when only refine_blocks differ
+    if grown or unexpected:  # cannot happen when only refine_blocks / frame_mask differ
         raise CheckpointError(path, f"weights do not fit this model: {grown or unexpected}")

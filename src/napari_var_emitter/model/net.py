@@ -74,6 +74,7 @@ class VarEmitterNet(nn.Module):
         self.patch_size = int(cfg.patch_size)
         self.factors = [int(f) for f in cfg.factors]
         self.loc_factor = int(cfg.loc_factor)
+        self.frame_mask = bool(getattr(cfg, "frame_mask", False))
         self.vqvae = MultiScaleVQVAE(cfg)
         self.transformer = ProgressiveEmitterTransformer(cfg, self.vqvae.skip_channels)
 
@@ -91,11 +92,15 @@ class VarEmitterNet(nn.Module):
         return frames
 
     def normalise(self, frames: torch.Tensor):
-        """(network input (B, 2C, H, W), level (B,), scale (B,), recon target (B, 1, H, W))."""
+        """(network input (B, 2C [+1 frame mask], H, W), level (B,), scale (B,), recon target
+        (B, 1, H, W))."""
         frames = self._check(frames).float()
         level, scale = robust_normalisation(frames[:, self.centre])
         x = (frames - level[:, None, None, None]) / scale[:, None, None, None]
-        net_in = torch.cat([torch.asinh(x), torch.asinh(x / SECOND_CHANNEL_DIVISOR)], dim=1)
+        channels = [torch.asinh(x), torch.asinh(x / SECOND_CHANNEL_DIVISOR)]
+        if self.frame_mask:  # ones inside the frame; the convolutions' padding is outside
+            channels.append(torch.ones_like(x[:, :1]))
+        net_in = torch.cat(channels, dim=1)
         target = net_in[:, self.centre:self.centre + 1]
         return net_in, level, scale, target
 

@@ -114,7 +114,8 @@ class MultiScaleVQVAE(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.in_channels = 2 * cfg.context_frames  # two intensity transforms per frame
+        # two intensity transforms per frame, plus the frame mask (model.frame_mask)
+        self.in_channels = 2 * cfg.context_frames + int(bool(getattr(cfg, "frame_mask", False)))
         self.patch_size = cfg.patch_size
         self.embed_dim = cfg.embed_dim
         self.code_dim = getattr(cfg, "code_dim", 32)

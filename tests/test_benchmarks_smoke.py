@@ -222,6 +222,18 @@ def test_compare_models_scores_every_checkpoint_on_the_same_movies(capsys, untra
         assert scores[0] == scores[1]
 
 
+
+def test_compare_models_margin_zero_draws_emitters_only_inside_the_frame():
+    import compare_models
+    from napari_var_emitter.simulation import in_field_of_view
+
+    rng = np.random.default_rng(0)
+    inside_only = compare_models.draw_movie(rng, 3.0, 5, compare_models.CAMERAS[0], margin_px=0)
+    assert len(inside_only.table) > 50
+    assert len(in_field_of_view(inside_only.table, (40, 40))) == len(inside_only.table)
+    default = compare_models.draw_movie(np.random.default_rng(0), 3.0, 5, compare_models.CAMERAS[0])
+    assert len(in_field_of_view(default.table, (40, 40))) < len(default.table)
+
 def test_compare_models_tta_adds_a_row_per_checkpoint(capsys, untrained_checkpoint):
     import compare_models
 

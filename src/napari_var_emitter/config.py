@@ -209,6 +209,10 @@ class SimulationConfig:
     # draws (10 % of a 40x40 tile lies within 1 px of its border), so a model sees too few
     edge_fraction: float = 0.0
     edge_band_px: float = 2.0
+    # share of samples with no emitter at all (background and camera noise only): with the
+    # density uniform in its range they are rare, and a model that seldom sees an empty frame
+    # reports its brightest noise peaks there (sparse movies have many empty frames)
+    empty_fraction: float = 0.0
 
     def validate(self):
         _positive_pair(self.frame_size, "simulation.frame_size")
@@ -219,7 +223,7 @@ class SimulationConfig:
             _range(getattr(self, name), f"simulation.{name}")
         if self.sigma_px[0] <= 0 or self.e_per_adu[0] <= 0 or self.qe[0] <= 0 or self.qe[1] > 1:
             raise ConfigError("simulation sigma_px, e_per_adu and qe must be positive (qe <= 1)")
-        for name in ("filament_fraction", "emccd_fraction", "edge_fraction"):
+        for name in ("filament_fraction", "emccd_fraction", "edge_fraction", "empty_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"simulation.{name} must be in [0, 1]")
         if not self.mean_on_frames >= 1:

@@ -598,7 +598,8 @@ def sample_training_batch(sim: SimulationConfig, batch_size: int, rng,
                           context_frames: int = 1) -> TrainingBatch:
     """Simulate ``batch_size`` independent training samples drawn from the ranges of ``sim``.
 
-    Per sample: density uniform in ``sim.density_per_um2`` (sparse and dense equally common);
+    Per sample: density uniform in ``sim.density_per_um2`` (sparse and dense equally common),
+    or 0 (no emitter, not even outside the frame) for a share ``sim.empty_fraction``;
     scene filaments with probability ``sim.filament_fraction`` else uniform (a share
     ``sim.edge_fraction`` of a uniform scene's emitters lies within ``sim.edge_band_px`` of the
     border, inside or in the margin; the expected count is unchanged); PSF sigma: a
@@ -627,6 +628,8 @@ def sample_training_batch(sim: SimulationConfig, batch_size: int, rng,
 
     # --- per-sample scene parameters
     density = rng.uniform(sim.density_per_um2[0], sim.density_per_um2[1], b_n)
+    if sim.empty_fraction > 0:  # (drawn only when asked, so other configs keep their samples)
+        density = np.where(rng.random(b_n) < sim.empty_fraction, 0.0, density)
     is_filament = rng.random(b_n) < sim.filament_fraction
     s_lo, s_hi = (float(v) for v in sim.sigma_px)
     sigma_centre = rng.uniform(s_lo, s_hi, b_n)

@@ -64,6 +64,13 @@ def test_evaluate_prints_one_json_object(tmp_path, capsys):
     (["predict", "nope.tif", "--output_dir", "x"], "nope.tif"),
     (["predict", "nope.tif", "--output_dir", "x", "--batch-size", "0"], "--batch_size"),
     (["frobnicate"], "invalid choice"),
+    (["predict", "nope.tif", "--output_dir", "x", "--pixel-size", "0"], "--pixel-size"),
+    (["predict", "nope.tif", "--output_dir", "x", "--pixel-size", "nan"], "--pixel-size"),
+    (["evaluate", "--truth", "a.csv", "--pred", "a.csv", "--tolerance-nm", "-5"],
+     "--tolerance-nm"),
+    (["evaluate", "--truth", "a.csv", "--pred", "a.csv", "--frames", "0"], "--frames"),
+    (["evaluate", "--truth", "a.csv", "--pred", "a.csv", "--image-size", "0", "40"],
+     "--image-size"),
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, args, words):
     r = run_cli(*args)
@@ -72,3 +79,47 @@ def test_bad_options_exit_2_with_one_line(tmp_path, args, words):
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not os.path.exists("x")
+
+
+def test_predict_inputs_with_one_name_are_refused_naming_both(tmp_path):
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        tifffile.imwrite(tmp_path / d / "movie.tif", np.zeros((2, 16, 16), np.uint16))
+    r = run_cli("predict", tmp_path / "a" / "movie.tif", tmp_path / "b" / "movie.tif",
+                "--output_dir", tmp_path / "out")
+    assert r.returncode == 2
+    line = r.stderr.strip()
+    assert str(tmp_path / "a" / "movie.tif") in line and str(tmp_path / "b" / "movie.tif") in line
+    assert not (tmp_path / "out" / "movie").exists()
+
+
+def test_evaluate_refuses_picasso_locs_without_their_pixel_size(tmp_path, capsys):
+    from napari_var_emitter.io.emitters import write_picasso_hdf5
+
+    assert main(["simulate", "--out", str(tmp_path), "--frames", "5", "--seed", "2",
+                 "--pixel-size", "110"]) == 0
+    capsys.readouterr()
+    gt = tmp_path / "ground_truth" / "sim.csv"
+    table, _ = read_emitters(gt, pixel_size_nm=110.0)
+    h5, yml = write_picasso_hdf5(tmp_path / "locs.hdf5", table, 110.0, 40, 40, 5)
+    # with its .yaml: the pixel size comes from there, and the truth matches itself
+    assert main(["evaluate", "--truth", str(h5), "--pred", str(gt)]) == 0
+    assert json.loads(capsys.readouterr().out)["jaccard"] == 1.0
+    os.remove(yml)  # without it, positions in pixels cannot be put in nm: an error
+    assert main(["evaluate", "--truth", str(h5), "--pred", str(gt)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "locs.hdf5" in err and "--pixel-size" in err
+    assert main(["evaluate", "--truth", str(h5), "--pred", str(gt), "--pixel-size", "110"]) == 0
+    assert json.loads(capsys.readouterr().out)["jaccard"] == 1.0
+
+
+def test_evaluate_piped_into_a_reader_that_leaves_early_is_quiet(tmp_path):
+    # `var-emitter evaluate ... | head -c 10`: no BrokenPipeError traceback when the reader
+    # has gone (`true` exits at once, long before the JSON is written)
+    assert main(["simulate", "--out", str(tmp_path), "--frames", "3"]) == 0
+    gt = tmp_path / "ground_truth" / "sim.csv"
+    cmd = (f"'{sys.executable}' -m napari_var_emitter evaluate --truth '{gt}' --pred '{gt}'"
+           f" | true; echo $PIPESTATUS")
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in r.stderr and r.stderr == ""
+    assert r.stdout.strip() == "141"  # as a process ended by SIGPIPE

@@ -486,6 +486,37 @@ def test_disk_full_during_predict_exits_2_and_keeps_earlier_outputs(tmp_path, ca
     assert no_hidden_leftovers(out)
 
 
+
+def test_predict_into_an_existing_folder_keeps_the_users_own_files(tmp_path, capsys,
+                                                                    untrained_checkpoint):
+    stack = _tiff(tmp_path / "s.tif", np.full((2, 16, 16), 20, np.uint16),
+                  photometric="minisblack")
+    out = tmp_path / "out"
+    (out / "s").mkdir(parents=True)
+    (out / "s" / "notes.txt").write_text("my notes")  # an incomplete folder of the user's
+    args = ["predict", stack, "--checkpoint", untrained_checkpoint, "--output_dir", out,
+            "--no-figures", "--no-maps", "--device", "cpu"]
+    assert cli(capsys, *args)[0] == 0
+    assert (out / "s" / "notes.txt").read_text() == "my notes"
+    assert (out / "s" / "localizations.csv").exists()
+    assert cli(capsys, *args, "--overwrite")[0] == 0  # a redo replaces only our files
+    assert (out / "s" / "notes.txt").read_text() == "my notes"
+    assert sorted(os.listdir(out)) == ["s"] and no_hidden_leftovers(out)
+
+
+def test_predict_refuses_a_file_where_its_output_folder_goes(tmp_path, capsys,
+                                                             untrained_checkpoint):
+    stack = _tiff(tmp_path / "s.tif", np.full((2, 16, 16), 20, np.uint16),
+                  photometric="minisblack")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "s").write_text("not a folder")
+    code, _, err = cli(capsys, "predict", stack, "--checkpoint", untrained_checkpoint,
+                       "--output_dir", out, "--no-figures", "--device", "cpu")
+    assert_one_error_line(code, err, str(out / "s"), "not a folder")
+    assert (out / "s").read_text() == "not a folder"
+    assert sorted(os.listdir(out)) == ["s"]
+
 # -- interrupted runs (real processes, real signals) ----------------------------------------
 
 def spawn(*args):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -118,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(e, "truth", required=True, help="ground truth: ThunderSTORM CSV or emitter H5")
     _opt(e, "pred", required=True, help="our localizations.csv")
     _opt(e, "tolerance-nm", type=float, default=250.0)
-    _opt(e, "pixel-size", type=float, default=100.0)
+    _opt(e, "pixel-size", type=float, default=None,
+         help="nm (default: the Picasso .yaml's Pixelsize, else 100; positions in nm do "
+              "not depend on it, the CRLB does)")
     _opt(e, "frames", type=int, default=None, help="number of frames (counts empty frames)")
     _opt(e, "image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
          help="frame size in pixels: edge emitters get their larger CRLB, and the recall of "
@@ -159,6 +162,9 @@ def _dispatch(args) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         return 130
+    except BrokenPipeError:  # `var-emitter evaluate ... | head`: the reader left early
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141  # as a process ended by SIGPIPE
 
 
 # -- simulate ------------------------------------------------------------------------------
@@ -322,9 +328,15 @@ def _cmd_predict(a) -> int:
         raise ConfigError(f"--batch_size must be >= 1, got {a.batch_size}")
     if a.threshold is not None and not 0 < a.threshold <= 1:
         raise ConfigError(f"--threshold must be in (0, 1], got {a.threshold}")
+    if a.pixel_size is not None and not (math.isfinite(a.pixel_size) and a.pixel_size > 0):
+        raise ConfigError(f"--pixel-size must be a positive number of nm, got {a.pixel_size}")
     stems = [os.path.splitext(os.path.basename(p))[0] for p in inputs]
-    if len(set(stems)) != len(stems):
-        raise ConfigError("two inputs share a file name; their outputs would collide")
+    seen = {}
+    for p, stem in zip(inputs, stems):
+        if stem in seen:
+            raise ConfigError(f"{seen[stem]} and {p} share the file name {stem!r}; their "
+                              f"outputs in {os.path.join(a.output_dir, stem)} would collide")
+        seen[stem] = p
     for p in inputs:
         if not os.path.isfile(p):
             raise InputFileError(p, "no such file")
@@ -402,6 +414,11 @@ def _predict_one(a, predictor, camera, path, stem, interrupts) -> None:
 
     final = os.path.join(a.output_dir, stem)
     _remove_stale_partials(a.output_dir, stem)
+    if os.path.exists(final) and not os.path.isdir(final):
+        from .errors import OutputError
+
+        raise OutputError(f"{final}: exists and is not a folder (the outputs of {path} go "
+                          f"there)")
     if os.path.isdir(final) and not a.overwrite and _complete(final, a):
         print(f"{path}: outputs complete in {final}, skipped (use --overwrite to redo)")
         return
@@ -416,7 +433,7 @@ def _predict_one(a, predictor, camera, path, stem, interrupts) -> None:
                           f"({e.strerror or e})") from None
     try:
         with open_stack(path) as stack:
-            px = a.pixel_size or stack.pixel_size_nm or 100.0
+            px = a.pixel_size if a.pixel_size is not None else (stack.pixel_size_nm or 100.0)
             attrs = {"model_id": predictor.model_id, "config": predictor.config.to_dict(),
                      "threshold": a.threshold or predictor.threshold_for(a.tta),
                      "tta": bool(a.tta),
@@ -474,7 +491,7 @@ def _remove_stale_partials(out_dir, stem) -> None:
     except OSError:
         return
     for entry in entries:
-        if entry.startswith(f".{stem}.partial-") or entry.startswith(f"{stem}.old-"):
+        if entry.startswith(f".{stem}.partial-"):
             shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
 
 
@@ -550,14 +567,18 @@ def _close_maps(result):
 
 
 def _replace_dir(tmp, final):
-    """Move a finished output folder into place (the old one, if any, goes only after)."""
-    if os.path.exists(final):
-        old = final + ".old-" + os.path.basename(tmp)
-        os.replace(final, old)
+    """Move a finished output folder into place. An existing folder keeps the files that are
+    not ours (a user's notes or analyses); ours replace theirs one by one, the table that
+    marks the folder complete (:func:`_complete`) last, so an interrupted move reads as
+    incomplete and is redone."""
+    if not os.path.isdir(final):
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(final, "localizations.csv"))
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "localizations.csv"):
+        os.replace(os.path.join(tmp, name), os.path.join(final, name))
+    os.rmdir(tmp)
 
 
 def _check_writable(folder):
@@ -602,16 +623,36 @@ def cmd_evaluate(a) -> int:
     import numpy as np
 
     from .camera import Camera
+    from .errors import ConfigError, InputFileError
     from .io.emitters import read_emitters
     from .metrics import evaluate_tables
 
-    truth, _ = read_emitters(a.truth, pixel_size_nm=a.pixel_size)
-    pred, _ = read_emitters(a.pred, pixel_size_nm=a.pixel_size)
+    if not (math.isfinite(a.tolerance_nm) and a.tolerance_nm > 0):
+        raise ConfigError(f"--tolerance-nm must be a positive number, got {a.tolerance_nm}")
+    if a.frames is not None and a.frames < 1:
+        raise ConfigError(f"--frames must be >= 1, got {a.frames}")
+    if a.image_size is not None and min(a.image_size) < 1:
+        raise ConfigError(f"--image-size must be two positive sizes in pixels, got "
+                          f"{' '.join(map(str, a.image_size))}")
+    px = 100.0 if a.pixel_size is None else a.pixel_size
+    truth, truth_meta = read_emitters(a.truth, pixel_size_nm=px)
+    pred, pred_meta = read_emitters(a.pred, pixel_size_nm=px)
+    stored = truth_meta.get("file_pixel_size_nm") or pred_meta.get("file_pixel_size_nm")
+    if a.pixel_size is None and stored and stored != px:  # the camera's own pixel (CRLB)
+        px = stored
+        truth, truth_meta = read_emitters(a.truth, pixel_size_nm=px)
+        pred, pred_meta = read_emitters(a.pred, pixel_size_nm=px)
+    for path, meta in ((a.truth, truth_meta), (a.pred, pred_meta)):
+        # Picasso positions are pixels: without the pixel size they cannot be compared in nm
+        if (a.pixel_size is None and meta["format"] == "picasso"
+                and meta.get("file_pixel_size_nm") is None):
+            raise InputFileError(path, "Picasso locs with no pixel size (no Pixelsize in a "
+                                 ".yaml beside the file); give --pixel-size")
     # the CRLB needs each true emitter's photons, PSF width and background
     has_physics = len(truth) and all(np.isfinite(truth[k]).all()
                                      for k in ("photons", "sigma", "background"))
     camera = Camera(em_gain=a.em_gain, qe=a.qe, read_noise=a.read_noise) if has_physics else None
-    res = evaluate_tables(truth, pred, tolerance_nm=a.tolerance_nm, pixel_size_nm=a.pixel_size,
+    res = evaluate_tables(truth, pred, tolerance_nm=a.tolerance_nm, pixel_size_nm=px,
                           n_frames=a.frames, camera=camera,
                           image_shape=tuple(a.image_size) if a.image_size else None)
     print(json.dumps({k: _jsonable(v) for k, v in res.items()}))

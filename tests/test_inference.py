@@ -231,6 +231,23 @@ def test_all_zero_frames_give_zero_localisations(untrained_checkpoint):
     assert single.shape == (1, 32, 32) and len(single.localizations) == 0
 
 
+
+def test_constant_frames_give_no_localisations_with_the_bundled_model():
+    # normalised, a constant frame is all zeros: an input the network never saw (the bundled
+    # model reported hundreds of "emitters" per frame there); frames with spots are unchanged
+    from napari_var_emitter.simulation import simulate_movie
+
+    pred = Predictor.from_pretrained(device="cpu")
+    movie = simulate_movie(2, (40, 40), rng=3, density_per_um2=1.0, highres_factor=None)
+    frames = np.concatenate([np.zeros((1, 40, 40)), np.full((1, 40, 40), 100.0),
+                             movie.adu]).astype(np.float32)
+    res = pred.predict(frames, maps=True)
+    assert set(res.localizations["frame"]) == {2, 3}
+    assert np.all(res.maps[2]["probability"][:2] == 0)
+    alone = pred.predict(movie.adu, maps=False).localizations
+    assert len(alone) == len(res.localizations) > 5
+    np.testing.assert_allclose(alone["x"], res.localizations["x"], atol=1e-4)
+
 def test_frames_smaller_than_a_tile_are_padded_and_tiny_frames_refused(untrained_checkpoint):
     pred = Predictor.from_checkpoint(untrained_checkpoint, device="cpu")
     res = pred.predict(np.full((2, 9, 13), 20, np.uint16))  # smaller than the 16x16 tile

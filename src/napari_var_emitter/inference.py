@@ -424,6 +424,7 @@ class Predictor:
                                                      SYMMETRIES if th == tw else SYMMETRIES[:4])
                     else:
                         out = self.model(x, factors=factors, with_recon=False)["maps"]
+                    _blank_constant_tiles(out, x[:, half])
                     if sigma_scale != (1.0, 1.0):
                         for m in out.values():
                             m["sigma_x"] = m["sigma_x"] * sigma_scale[0]
@@ -460,6 +461,17 @@ class Predictor:
                                 pixel_size_nm=float(pixel_size_nm), factors=factors,
                                 loc_factor=self.loc_factor, maps=result_maps, camera=camera,
                                 threshold=float(threshold))
+
+
+def _blank_constant_tiles(out: dict, centre: torch.Tensor) -> None:
+    """Zero the probability maps of tiles whose (centre) frame is constant: such a tile holds
+    no spot (an all-zero frame, a saturated or padded region), but normalised it is all
+    zeros, an input the network never saw, and its maps would be noise."""
+    flat = centre.flatten(1)
+    constant = flat.amax(1) == flat.amin(1)
+    if bool(constant.any()):
+        for m in out.values():
+            m["prob"] = m["prob"].masked_fill(constant[:, None, None], 0.0)
 
 
 def _place_detections(table, tile, where, ys, xs, ybounds, xbounds, band, t0):

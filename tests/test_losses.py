@@ -417,6 +417,9 @@ def test_background_and_reconstruction_terms():
     huber = background_loss(torch.stack([pred[0], far[0]]), true, torch.tensor([4.0, 2.0]),
                             kind="huber").tolist()
     assert huber == pytest.approx([0.125, 9.5])
+    # a constant empty tile (noise estimate ~0) is measured in its shot noise instead
+    bounded = background_loss(pred[:1], true[:1], torch.tensor([1e-6])).item()
+    assert bounded == pytest.approx((2.0 / (0.25 * 10 ** 0.5)) ** 2)
     r = ReconstructionLoss()(torch.zeros(1, 1, 4, 4), torch.full((1, 1, 4, 4), 3.0))
     assert r.item() == pytest.approx(9.0)
 

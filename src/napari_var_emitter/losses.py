@@ -316,11 +316,24 @@ class ReconstructionLoss:
         return F.mse_loss(recon.float(), target.float().detach())
 
 
+#: the background error's noise unit is at least this times the square root of the tile's
+#: mean true background (its shot noise, photons)
+BACKGROUND_UNIT_FLOOR = 0.25
+
+
 def background_loss(predicted: torch.Tensor, true: torch.Tensor,
                     scale: torch.Tensor, kind: str = "mse") -> torch.Tensor:
     """Per-sample mean over pixels of the background error in noise units,
-    ``d = (pred - true) / scale``: ``d^2`` ("mse") or Huber with delta 1 ("huber"), (B,)."""
-    d = (predicted.float() - true.float()) / scale.float().reshape(-1, 1, 1)
+    ``d = (pred - true) / scale``: ``d^2`` ("mse") or Huber with delta 1 ("huber"), (B,).
+
+    ``scale`` (the input normalisation's noise estimate) is floored at
+    :data:`BACKGROUND_UNIT_FLOOR` x sqrt(mean true background): an empty tile from a camera
+    with many electrons per ADU can be one constant value, whose noise estimate is ~0, and
+    its background error would otherwise swamp the batch (1e11 was seen)."""
+    true = true.float()
+    shot = true.flatten(1).mean(1).clamp_min(0.0).sqrt()
+    unit = torch.maximum(scale.float().reshape(-1), BACKGROUND_UNIT_FLOOR * shot)
+    d = (predicted.float() - true) / unit.clamp_min(1e-6).reshape(-1, 1, 1)
     if kind == "huber":
         per_pixel = F.huber_loss(d, torch.zeros_like(d), reduction="none", delta=1.0)
     else:

@@ -307,7 +307,8 @@ BAD_CHECKPOINTS = {
     # seeded: unseeded bytes start with 0x80 (a raw pickle's opcode, refused with another
     # message) once in 256 runs
     "random_bytes": (lambda p, m: p.write_bytes(np.random.default_rng(7).bytes(2048)),
-                     "not a readable checkpoint"),
+                     "not a PyTorch checkpoint"),
+    "text": (lambda p, m: p.write_text("junk\n"), "not a PyTorch checkpoint"),
     "plain_state_dict": (lambda p, m: torch.save({"w": torch.zeros(3)}, p),
                          "not a napari-var-emitter checkpoint"),
     "other_architecture": (None, "do not match"),

@@ -48,6 +48,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         # a bare pickle stream (not torch.save's zip container): pickles can carry code
         raise CheckpointError(path, "refused: a raw Python pickle, not a PyTorch checkpoint; "
                               "it was not loaded (a pickle can carry code)")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(path, "not a PyTorch checkpoint (torch.save writes a zip "
+                              "archive; this file is not one)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -217,7 +217,7 @@ def _check_range(value, name, positive=False):
         raise ConfigError(f"{name} must be a pair (min, max), got {value!r}") from None
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi or lo < 0 or (positive and lo <= 0):
         need = "0 < min <= max" if positive else "0 <= min <= max"
-        raise ConfigError(f"{name} must be (min, max) with {need}, got {value!r}")
+        raise ConfigError(f"{name} must be (min, max) with {need}, got ({lo:g}, {hi:g})")
     return lo, hi
 
 

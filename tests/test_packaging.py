@@ -50,6 +50,7 @@ def test_wheel_ships_manifest_and_weights_and_validates(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "napari_var_emitter/napari.yaml" in names
     assert any(n.startswith("napari_var_emitter/weights/") and n.endswith(".pth") for n in names)
+    assert "napari_var_emitter/weights/config.json" in names
     target = tmp_path / "site"
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index",
                         "--target", str(target), str(wheel)], capture_output=True, text=True,
@@ -63,3 +64,13 @@ def test_wheel_ships_manifest_and_weights_and_validates(tmp_path):
                        cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "valid" in (r.stdout + r.stderr).lower()
+
+
+def test_bundled_model_has_its_config_json_beside_it():
+    from napari_var_emitter.checkpoint import load_checkpoint
+    from napari_var_emitter.config import load_config
+    from napari_var_emitter.inference import bundled_checkpoint_path
+
+    path = bundled_checkpoint_path()
+    beside = load_config(os.path.join(os.path.dirname(path), "config.json"))
+    assert beside.to_dict() == load_checkpoint(path)["config_obj"].to_dict()

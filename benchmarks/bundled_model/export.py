@@ -8,6 +8,7 @@ Usage::
 Drops the optimiser, scheduler and RNG state (not needed for inference, and they triple
 the size) and records the training step, validation metrics, history and, when present,
 the calibration (``var-emitter calibrate``; run it on the exported file otherwise).
+``config.json`` is written beside it, as beside every training checkpoint.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main(argv=None):
                     step=int(ckpt.get("step", 0)), epoch=int(ckpt.get("epoch", 0)),
                     metrics=dict(ckpt.get("metrics", {})), history=list(ckpt.get("history", [])),
                     **({"calibration": ckpt["calibration"]} if "calibration" in ckpt else {}))
+    ckpt["config_obj"].save(os.path.join(os.path.dirname(os.path.abspath(a.out)), "config.json"))
     print(f"{a.out}: {os.path.getsize(a.out) / 1e6:.2f} MB, step {ckpt.get('step')}, "
           f"metrics {ckpt.get('metrics')}")
 

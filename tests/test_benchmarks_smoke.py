@@ -275,3 +275,30 @@ def test_edge_benchmark_reports_every_distance(capsys, untrained_checkpoint):
     n_out = sum(d < 0 for d in bench_edges.DISTANCES_PX)
     assert all(v.startswith("(") for v in values[:n_out])
     assert all(0.0 <= float(v.strip("()")) <= 1.0 for v in values)
+
+
+def test_empty_frames_hold_only_background_and_camera_noise():
+    import bench_empty
+
+    rng = np.random.default_rng(0)
+    for label, camera, background in bench_empty.CONDITIONS:
+        adu = bench_empty.empty_frames(rng, 50, camera, background)
+        assert adu.shape == (50, *bench_empty.SHAPE)
+        photons = camera.adu_to_photons(adu)
+        level = np.mean(background)
+        # the mean is the background (EM gain and coarse ADC steps only add noise)
+        assert abs(photons.mean() - level) < 0.1 * level + 1.0, label
+    flat = bench_empty.empty_frames(rng, 400, bench_empty.SCMOS, 20.0)
+    assert bench_empty.SCMOS.adu_to_photons(flat).std(0).mean() > 3  # shot noise, ~sqrt(18)
+
+
+def test_empty_frame_benchmark_reports_every_condition(capsys, untrained_checkpoint):
+    import bench_empty
+
+    ckpt = str(untrained_checkpoint)
+    bench_empty.main([ckpt, "bundled", "--frames", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(rows) == len(bench_empty.CONDITIONS) + 1  # header + one per condition
+    for row in rows[1:]:
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        assert len(cells) == 3 and all(float(c) >= 0 for c in cells[1:])

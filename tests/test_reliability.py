@@ -490,17 +490,23 @@ def test_disk_full_during_predict_exits_2_and_keeps_earlier_outputs(tmp_path, ca
 
 def test_predict_into_an_existing_folder_keeps_the_users_own_files(tmp_path, capsys,
                                                                     untrained_checkpoint):
+    from napari_var_emitter.outputs import is_predict_output
+
     stack = _tiff(tmp_path / "s.tif", np.full((2, 16, 16), 20, np.uint16),
                   photometric="minisblack")
     out = tmp_path / "out"
     (out / "s").mkdir(parents=True)
     (out / "s" / "notes.txt").write_text("my notes")  # an incomplete folder of the user's
     args = ["predict", stack, "--checkpoint", untrained_checkpoint, "--output_dir", out,
-            "--no-figures", "--no-maps", "--device", "cpu"]
+            "--device", "cpu"]
     assert cli(capsys, *args)[0] == 0
+    ours = set(os.listdir(out / "s")) - {"notes.txt"}
+    assert PREDICT_OUTPUTS <= ours and all(is_predict_output(n) for n in ours)
     assert (out / "s" / "notes.txt").read_text() == "my notes"
-    assert (out / "s" / "localizations.csv").exists()
-    assert cli(capsys, *args, "--overwrite")[0] == 0  # a redo replaces only our files
+    # a redo replaces our files and drops those it no longer writes, not the user's
+    assert cli(capsys, *args, "--overwrite", "--no-maps", "--no-figures")[0] == 0
+    assert sorted(os.listdir(out / "s")) == ["localizations.csv", "localizations.hdf5",
+                                             "localizations.yaml", "notes.txt"]
     assert (out / "s" / "notes.txt").read_text() == "my notes"
     assert sorted(os.listdir(out)) == ["s"] and no_hidden_leftovers(out)
 

@@ -568,15 +568,23 @@ def _close_maps(result):
 
 def _replace_dir(tmp, final):
     """Move a finished output folder into place. An existing folder keeps the files that are
-    not ours (a user's notes or analyses); ours replace theirs one by one, the table that
-    marks the folder complete (:func:`_complete`) last, so an interrupted move reads as
-    incomplete and is redone."""
+    not ours (a user's notes or analyses); our earlier outputs go (one the new run does not
+    write, e.g. maps after a redo with --no-maps, would no longer match), the new ones move
+    in one by one, the table that marks the folder complete (:func:`_complete`) last, so an
+    interrupted move reads as incomplete and is redone."""
+    from .outputs import is_predict_output
+
     if not os.path.isdir(final):
         os.replace(tmp, final)
         return
+    new = set(os.listdir(tmp))
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(final, "localizations.csv"))
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "localizations.csv"):
+    for name in os.listdir(final):
+        if is_predict_output(name) and name not in new:
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.remove(os.path.join(final, name))
+    for name in sorted(new, key=lambda n: n == "localizations.csv"):
         os.replace(os.path.join(tmp, name), os.path.join(final, name))
     os.rmdir(tmp)
 

@@ -131,6 +131,20 @@ def open_prediction_maps(path) -> dict:
     return out
 
 
+#: the files `var-emitter predict` writes into ``OUT/STEM/`` (figures: :func:`write_figures`)
+PREDICT_OUTPUT_NAMES = ("localizations.csv", "localizations.hdf5", "localizations.yaml",
+                        "predictions.h5", "input.png", "peaks.png", "uncertainty.png",
+                        "super_resolution.png")
+
+
+def is_predict_output(name: str) -> bool:
+    """Whether ``name`` is one of the files `var-emitter predict` writes (so a redo may
+    replace or remove it; any other file in the folder is the user's)."""
+    return name in PREDICT_OUTPUT_NAMES or (
+        name.startswith("probability_x") and name.endswith(".png")
+        and name[len("probability_x"):-len(".png")].isdigit())
+
+
 def write_tables(out_dir, result, stem="localizations") -> list[str]:
     """Write ``localizations.csv`` (ThunderSTORM) and Picasso ``localizations.hdf5`` + yaml."""
     from .io.emitters import write_picasso_hdf5, write_thunderstorm_csv

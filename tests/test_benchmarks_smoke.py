@@ -222,7 +222,6 @@ def test_compare_models_scores_every_checkpoint_on_the_same_movies(capsys, untra
         assert scores[0] == scores[1]
 
 
-
 def test_compare_models_margin_zero_draws_emitters_only_inside_the_frame():
     import compare_models
     from napari_var_emitter.simulation import in_field_of_view

@@ -120,6 +120,9 @@ def test_evaluate_piped_into_a_reader_that_leaves_early_is_quiet(tmp_path):
     gt = tmp_path / "ground_truth" / "sim.csv"
     cmd = (f"'{sys.executable}' -m napari_var_emitter evaluate --truth '{gt}' --pred '{gt}'"
            f" | true; echo $PIPESTATUS")
-    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    # stdout into a pipe is block-buffered unless PYTHONUNBUFFERED is set: test that case
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120,
+                       env=env)
     assert "Traceback" not in r.stderr and r.stderr == ""
     assert r.stdout.strip() == "141"  # as a process ended by SIGPIPE

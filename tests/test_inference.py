@@ -231,10 +231,20 @@ def test_all_zero_frames_give_zero_localisations(untrained_checkpoint):
     assert single.shape == (1, 32, 32) and len(single.localizations) == 0
 
 
+def test_tiles_of_constant_frames_get_zero_probability():
+    from napari_var_emitter.inference import _blank_constant_tiles
+
+    centre = torch.rand(3, 8, 8)
+    centre[1] = 7.0  # one constant tile
+    out = {2: {"prob": torch.full((3, 16, 16), 0.6)}, 4: {"prob": torch.full((3, 32, 32), 0.6)}}
+    _blank_constant_tiles(out, centre)
+    for m in out.values():
+        assert torch.all(m["prob"][1] == 0) and torch.all(m["prob"][[0, 2]] == 0.6)
+
 
 def test_constant_frames_give_no_localisations_with_the_bundled_model():
-    # normalised, a constant frame is all zeros: an input the network never saw (the bundled
-    # model reported hundreds of "emitters" per frame there); frames with spots are unchanged
+    # normalised, a constant frame is all zeros: an input the network never saw (v0.5
+    # reported 364 "emitters" on an all-zero 40x40 frame); frames with spots are unchanged
     from napari_var_emitter.simulation import simulate_movie
 
     pred = Predictor.from_pretrained(device="cpu")

@@ -487,7 +487,6 @@ def test_disk_full_during_predict_exits_2_and_keeps_earlier_outputs(tmp_path, ca
     assert no_hidden_leftovers(out)
 
 
-
 def test_predict_into_an_existing_folder_keeps_the_users_own_files(tmp_path, capsys,
                                                                     untrained_checkpoint):
     from napari_var_emitter.outputs import is_predict_output
@@ -509,6 +508,26 @@ def test_predict_into_an_existing_folder_keeps_the_users_own_files(tmp_path, cap
                                              "localizations.yaml", "notes.txt"]
     assert (out / "s" / "notes.txt").read_text() == "my notes"
     assert sorted(os.listdir(out)) == ["s"] and no_hidden_leftovers(out)
+
+
+def test_predict_refuses_a_folder_where_an_output_file_goes_and_changes_nothing(
+        tmp_path, capsys, untrained_checkpoint):
+    stack = _tiff(tmp_path / "s.tif", np.full((2, 16, 16), 20, np.uint16),
+                  photometric="minisblack")
+    out = tmp_path / "out"
+    args = ["predict", stack, "--checkpoint", untrained_checkpoint, "--output_dir", out,
+            "--no-figures", "--device", "cpu"]
+    assert cli(capsys, *args, "--no-maps")[0] == 0
+    (out / "s" / "predictions.h5").mkdir()  # the user's folder, named like our maps file
+    (out / "s" / "predictions.h5" / "mine.txt").write_text("keep")
+    before = {n: (out / "s" / n).read_bytes() for n in os.listdir(out / "s")
+              if (out / "s" / n).is_file()}
+    code, _, err = cli(capsys, *args, "--overwrite")
+    assert_one_error_line(code, err, str(out / "s" / "predictions.h5"), "folder")
+    assert (out / "s" / "predictions.h5" / "mine.txt").read_text() == "keep"
+    assert {n: (out / "s" / n).read_bytes() for n in os.listdir(out / "s")
+            if (out / "s" / n).is_file()} == before
+    assert no_hidden_leftovers(out)
 
 
 def test_predict_refuses_a_file_where_its_output_folder_goes(tmp_path, capsys,

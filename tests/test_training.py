@@ -272,7 +272,6 @@ def test_init_grows_a_trained_model_by_refine_blocks_without_changing_its_output
         make_trainer(tmp_path / "d", wider, init=tmp_path / "a" / "last_model.pth")
 
 
-
 def test_init_grows_a_trained_model_by_the_frame_mask_without_changing_its_output(tmp_path):
     from napari_var_emitter.errors import CheckpointError
     from napari_var_emitter.training import STEM_WEIGHT_KEY

@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(e, "pred", required=True, help="our localizations.csv")
     _opt(e, "tolerance-nm", type=float, default=250.0)
     _opt(e, "pixel-size", type=float, default=None,
-         help="nm (default: the Picasso .yaml's Pixelsize, else 100; positions in nm do "
-              "not depend on it, the CRLB does)")
+         help="nm (default: the pixel size stored with the truth or the localisations, as a "
+              "Picasso .yaml's Pixelsize, else 100; positions in nm do not depend on it, the "
+              "CRLB does)")
     _opt(e, "frames", type=int, default=None, help="number of frames (counts empty frames)")
     _opt(e, "image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
          help="frame size in pixels: edge emitters get their larger CRLB, and the recall of "
@@ -151,8 +152,10 @@ def main(argv=None) -> int:
 def _dispatch(args) -> int:
     """Run the chosen subcommand; errors become one line on stderr and an exit code."""
     try:
-        return {"simulate": cmd_simulate, "train": cmd_train, "predict": cmd_predict,
+        code = {"simulate": cmd_simulate, "train": cmd_train, "predict": cmd_predict,
                 "calibrate": cmd_calibrate, "evaluate": cmd_evaluate}[args.command](args)
+        sys.stdout.flush()  # a pipe buffers stdout: a reader gone early shows up here
+        return code
     except VarEmitterError as e:
         if isinstance(e, Cancelled):
             sys.stderr.write(f"error: {e}\n")
@@ -572,21 +575,31 @@ def _replace_dir(tmp, final):
     write, e.g. maps after a redo with --no-maps, would no longer match), the new ones move
     in one by one, the table that marks the folder complete (:func:`_complete`) last, so an
     interrupted move reads as incomplete and is redone."""
+    from .errors import OutputError
     from .outputs import is_predict_output
 
-    if not os.path.isdir(final):
-        os.replace(tmp, final)
-        return
-    new = set(os.listdir(tmp))
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(final, "localizations.csv"))
-    for name in os.listdir(final):
-        if is_predict_output(name) and name not in new:
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                os.remove(os.path.join(final, name))
-    for name in sorted(new, key=lambda n: n == "localizations.csv"):
-        os.replace(os.path.join(tmp, name), os.path.join(final, name))
-    os.rmdir(tmp)
+    try:
+        if not os.path.isdir(final):
+            os.replace(tmp, final)
+            return
+        new = set(os.listdir(tmp))
+        ours = [n for n in os.listdir(final) if n in new or is_predict_output(n)]
+        for name in ours:  # checked before anything moves: all or nothing
+            if os.path.isdir(os.path.join(final, name)):
+                raise OutputError(f"{os.path.join(final, name)}: a folder where an output "
+                                  f"file goes; move it away and rerun")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(final, "localizations.csv"))
+        for name in ours:
+            if name not in new:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(final, name))
+        for name in sorted(new, key=lambda n: n == "localizations.csv"):
+            os.replace(os.path.join(tmp, name), os.path.join(final, name))
+        os.rmdir(tmp)
+    except OSError as e:
+        raise OutputError(f"{final}: outputs cannot be moved into place "
+                          f"({e.strerror or e})") from None
 
 
 def _check_writable(folder):
@@ -635,6 +648,8 @@ def cmd_evaluate(a) -> int:
     from .io.emitters import read_emitters
     from .metrics import evaluate_tables
 
+    if a.pixel_size is not None and not (math.isfinite(a.pixel_size) and a.pixel_size > 0):
+        raise ConfigError(f"--pixel-size must be a positive number of nm, got {a.pixel_size}")
     if not (math.isfinite(a.tolerance_nm) and a.tolerance_nm > 0):
         raise ConfigError(f"--tolerance-nm must be a positive number, got {a.tolerance_nm}")
     if a.frames is not None and a.frames < 1:

@@ -41,7 +41,10 @@ class ModelConfig:
     # image: after normalisation the image's own zero padding looks like background, so
     # without it the first layers cannot tell "no light beyond this pixel" from "the frame
     # ends here" (the cue that decides whether a spot cut by the border has its centre
-    # inside); its weights start at zero, so --init can grow a trained model by it
+    # inside); its weights start at zero, so --init can grow a trained model by it. It marks
+    # the tile's edge: inner tile cuts of a large frame count as edges too (each tile keeps
+    # only detections away from them), and a frame smaller than a tile, padded, has its
+    # padding marked as frame. Off in the bundled model (session 8 measured no gain)
     frame_mask: bool = False
 
     def validate(self):

@@ -317,3 +317,23 @@ def test_model_overfits_a_tiny_batch():
     assert last["loc/x2"] < first["loc/x2"] - 5  # likelihood of the true positions x e^5
     # the expected count went from ~20 phantom emitters to within ~1 of the truth (3)
     assert first["count_mae/x2"] > 15 and last["count_mae/x2"] < 2.0
+
+
+def test_normalisation_measures_the_noise_of_a_frame_of_few_grey_levels():
+    # 20 e-/ADU at ~18 photo-electrons per pixel: most neighbours share one grey level, so
+    # the median neighbour difference is 0; the mean difference still gives the noise
+    from napari_var_emitter.model import robust_normalisation
+
+    rng = np.random.default_rng(0)
+    adu = np.round(100 + rng.poisson(18, (4, 40, 40)) / 20.0)
+    photons = torch.from_numpy(((adu - 100) * 20).astype(np.float32))
+    level, scale = robust_normalisation(photons)
+    assert len(np.unique(adu)) <= 6
+    # the noise shows only as occasional 20-photon steps: about 1 photon, not the 1e-3 of
+    # the dynamic range (0.02-0.06) that the median alone left, which made every step a
+    # thousand-sigma "spot"
+    dynamic = photons.flatten(1).amax(1) - level
+    assert torch.all(scale > 0.5) and torch.all(scale < 20) and torch.all(scale > 10 * 1e-3 * dynamic)
+    # ordinary noisy frames keep the median-based estimate (sigma ~ sqrt(100) = 10)
+    level, scale = robust_normalisation(torch.from_numpy(rng.poisson(100, (4, 40, 40)).astype(np.float32)))
+    assert torch.all((scale > 8.5) & (scale < 11.5))

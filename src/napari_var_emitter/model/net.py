@@ -18,6 +18,8 @@ whatever the camera gain.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -26,6 +28,7 @@ from .vqvae import MultiScaleVQVAE
 
 LEVEL_QUANTILE = 0.2
 MAD_TO_SIGMA = 1.0 / (0.6745 * 2 ** 0.5)  # median |a - b| of two N(0, s^2) pixels = 0.954 s
+MEAN_DIFF_TO_SIGMA = math.pi ** 0.5 / 2  # mean |a - b| of two N(0, s^2) pixels = 1.128 s
 SECOND_CHANNEL_DIVISOR = 30.0
 
 
@@ -37,8 +40,10 @@ def count_parameters(model: nn.Module) -> int:
 def robust_normalisation(centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample (level, scale) of frames ``centre`` (B, H, W): low quantile and noise sigma.
 
-    ``scale`` is floored at 1e-3 of the frame's dynamic range (and 1e-6) so that a
-    noise-free or constant frame does not divide by zero.
+    The noise is the median absolute difference of neighbouring pixels, or their mean
+    absolute difference where the median is 0 (a frame of a few grey levels). ``scale`` is
+    floored at 1e-3 of the frame's dynamic range (and 1e-6) so that a noise-free or
+    constant frame does not divide by zero.
     """
     x = centre.float()
     flat = x.flatten(1)
@@ -50,7 +55,12 @@ def robust_normalisation(centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     if x.shape[1] > 1:
         diffs.append((x[:, 1:, :] - x[:, :-1, :]).abs().flatten(1))
     if diffs:
-        noise = torch.cat(diffs, 1).median(dim=1).values * MAD_TO_SIGMA
+        d = torch.cat(diffs, 1)
+        noise = d.median(dim=1).values * MAD_TO_SIGMA
+        # a frame of a few grey levels (many electrons per ADU, low background) has most
+        # neighbours equal: the median difference is 0 although the frame is noisy. The mean
+        # difference (2 sigma / sqrt(pi) for Gaussian noise) still measures it
+        noise = torch.where(noise > 0, noise, d.mean(dim=1) * MEAN_DIFF_TO_SIGMA)
     else:
         noise = torch.zeros_like(level)
     dynamic = (flat.amax(1) - level).clamp_min(0.0)

@@ -487,17 +487,22 @@ def test_disk_full_during_predict_exits_2_and_keeps_earlier_outputs(tmp_path, ca
     assert no_hidden_leftovers(out)
 
 
+def _flat_stack_predict(tmp_path, checkpoint, *options):
+    """A 2-frame flat 16x16 stack ``s.tif`` and the predict arguments into ``tmp_path/out``."""
+    stack = _tiff(tmp_path / "s.tif", np.full((2, 16, 16), 20, np.uint16),
+                  photometric="minisblack")
+    out = tmp_path / "out"
+    return out, ["predict", stack, "--checkpoint", checkpoint, "--output_dir", out,
+                 "--device", "cpu", *options]
+
+
 def test_predict_into_an_existing_folder_keeps_the_users_own_files(tmp_path, capsys,
                                                                     untrained_checkpoint):
     from napari_var_emitter.outputs import is_predict_output
 
-    stack = _tiff(tmp_path / "s.tif", np.full((2, 16, 16), 20, np.uint16),
-                  photometric="minisblack")
-    out = tmp_path / "out"
+    out, args = _flat_stack_predict(tmp_path, untrained_checkpoint)
     (out / "s").mkdir(parents=True)
     (out / "s" / "notes.txt").write_text("my notes")  # an incomplete folder of the user's
-    args = ["predict", stack, "--checkpoint", untrained_checkpoint, "--output_dir", out,
-            "--device", "cpu"]
     assert cli(capsys, *args)[0] == 0
     ours = set(os.listdir(out / "s")) - {"notes.txt"}
     assert PREDICT_OUTPUTS <= ours and all(is_predict_output(n) for n in ours)
@@ -512,11 +517,7 @@ def test_predict_into_an_existing_folder_keeps_the_users_own_files(tmp_path, cap
 
 def test_predict_refuses_a_folder_where_an_output_file_goes_and_changes_nothing(
         tmp_path, capsys, untrained_checkpoint):
-    stack = _tiff(tmp_path / "s.tif", np.full((2, 16, 16), 20, np.uint16),
-                  photometric="minisblack")
-    out = tmp_path / "out"
-    args = ["predict", stack, "--checkpoint", untrained_checkpoint, "--output_dir", out,
-            "--no-figures", "--device", "cpu"]
+    out, args = _flat_stack_predict(tmp_path, untrained_checkpoint, "--no-figures")
     assert cli(capsys, *args, "--no-maps")[0] == 0
     (out / "s" / "predictions.h5").mkdir()  # the user's folder, named like our maps file
     (out / "s" / "predictions.h5" / "mine.txt").write_text("keep")
@@ -532,13 +533,10 @@ def test_predict_refuses_a_folder_where_an_output_file_goes_and_changes_nothing(
 
 def test_predict_refuses_a_file_where_its_output_folder_goes(tmp_path, capsys,
                                                              untrained_checkpoint):
-    stack = _tiff(tmp_path / "s.tif", np.full((2, 16, 16), 20, np.uint16),
-                  photometric="minisblack")
-    out = tmp_path / "out"
+    out, args = _flat_stack_predict(tmp_path, untrained_checkpoint, "--no-figures")
     out.mkdir()
     (out / "s").write_text("not a folder")
-    code, _, err = cli(capsys, "predict", stack, "--checkpoint", untrained_checkpoint,
-                       "--output_dir", out, "--no-figures", "--device", "cpu")
+    code, _, err = cli(capsys, *args)
     assert_one_error_line(code, err, str(out / "s"), "not a folder")
     assert (out / "s").read_text() == "not a folder"
     assert sorted(os.listdir(out)) == ["s"]

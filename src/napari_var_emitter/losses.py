@@ -321,6 +321,11 @@ class ReconstructionLoss:
 BACKGROUND_UNIT_FLOOR = 0.25
 
 
+def shot_noise(background: torch.Tensor) -> torch.Tensor:
+    """Per-sample sqrt of the mean background (B, H, W) -> (B,): its Poisson noise, photons."""
+    return background.float().flatten(1).mean(1).clamp_min(0.0).sqrt()
+
+
 def background_loss(predicted: torch.Tensor, true: torch.Tensor,
                     scale: torch.Tensor, kind: str = "mse") -> torch.Tensor:
     """Per-sample mean over pixels of the background error in noise units,
@@ -331,8 +336,7 @@ def background_loss(predicted: torch.Tensor, true: torch.Tensor,
     with many electrons per ADU can be one constant value, whose noise estimate is ~0, and
     its background error would otherwise swamp the batch (1e11 was seen)."""
     true = true.float()
-    shot = true.flatten(1).mean(1).clamp_min(0.0).sqrt()
-    unit = torch.maximum(scale.float().reshape(-1), BACKGROUND_UNIT_FLOOR * shot)
+    unit = torch.maximum(scale.float().reshape(-1), BACKGROUND_UNIT_FLOOR * shot_noise(true))
     d = (predicted.float() - true) / unit.clamp_min(1e-6).reshape(-1, 1, 1)
     if kind == "huber":
         per_pixel = F.huber_loss(d, torch.zeros_like(d), reduction="none", delta=1.0)
@@ -457,7 +461,7 @@ class VarEmitterLoss:
                 pred = F.avg_pool2d(pred[:, None], factor)[:, 0]
             scale = out.get("norm_scale")
             if scale is None:  # no model normalisation at hand: Poisson noise of the truth
-                scale = target["background"].float().flatten(1).mean(1).clamp_min(1.0).sqrt()
+                scale = shot_noise(target["background"]).clamp_min(1.0)
             bg = background_loss(pred, target["background"], scale.detach(),
                                  cfg.background_loss).mean()
             logs["bg"] = float(bg.detach())

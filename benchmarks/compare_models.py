@@ -9,7 +9,8 @@ density::
     python benchmarks/compare_models.py --densities 0.15,0.5,1 bundled runs/candidate.pth
 
 ``bundled`` means ``Predictor.from_pretrained()``. Every checkpoint sees the same movies.
-``--tta`` adds a row per checkpoint with symmetry averaging (``predict --tta``).
+``--tta`` adds a row per checkpoint with symmetry averaging (``predict --tta``);
+``--no-border-fit-too`` one without the border refit (``predict --no-border-fit``).
 ``--photons``, ``--background``, ``--sigma`` and ``--camera`` fix what is otherwise drawn per
 movie, e.g. the benchmark's sparse scenario as many independent movies::
 
@@ -70,6 +71,8 @@ def main(argv=None):
                     help="sCMOS and EMCCD alternate by default")
     ap.add_argument("--margin", type=float, default=1.0,
                     help="emitters up to this many px outside the frame (0: inside only)")
+    ap.add_argument("--no-border-fit-too", action="store_true",
+                    help="also a row per checkpoint without the border refit")
     ap.add_argument("--tta", action="store_true",
                     help="also score each checkpoint with symmetry averaging (row 'NAME +tta')")
     a = ap.parse_args(argv)
@@ -77,7 +80,11 @@ def main(argv=None):
     predictors = []
     for c in a.checkpoints:
         p = Predictor.from_pretrained() if c == "bundled" else Predictor.from_checkpoint(c)
-        predictors += [(c, p, False)] + ([(c + " +tta", p, True)] if a.tta else [])
+        predictors += [(c, p, {})]
+        if a.no_border_fit_too:
+            predictors.append((c + " -border fit", p, {"border_fit": False}))
+        if a.tta:
+            predictors.append((c + " +tta", p, {"tta": True}))
     print("| density | checkpoint | Jaccard | recall | precision | RMSE nm | efficiency "
           "| calib. x/y | border recall |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -92,8 +99,8 @@ def main(argv=None):
             t = movie.table_in_view()
             t["frame"] += k * a.frames  # one long pooled movie
             truth.append(t)
-            for i, (_, p, tta) in enumerate(predictors):
-                loc = p.predict(movie.adu, camera=cam, maps=False, tta=tta).localizations
+            for i, (_, p, options) in enumerate(predictors):
+                loc = p.predict(movie.adu, camera=cam, maps=False, **options).localizations
                 loc["frame"] += k * a.frames
                 locs[i].append(loc)
         for (c, _, _), found in zip(predictors, locs):

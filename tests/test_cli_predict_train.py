@@ -142,7 +142,11 @@ def test_predict_writes_every_output_of_the_contract(pipeline):
     assert np.array_equal(rows[:, 0], np.arange(1, n + 1))  # id 1-based
     assert rows[:, 1].min() >= 1 and rows[:, 1].max() <= 10  # frames 1-based
     assert rows[:, 2].max() <= 130 * 100 + 100 and rows[:, 3].max() <= 96 * 100 + 100
-    assert np.all((rows[:, 9] >= 0.5) & (rows[:, 9] <= 1))  # prob above the threshold
+    # prob above the threshold, except spots within a pixel of the border that the border
+    # refit kept (from a third of it)
+    depth = np.minimum.reduce([rows[:, 2], 130 * 100 - rows[:, 2], rows[:, 3],
+                               96 * 100 - rows[:, 3]]) / 100
+    assert np.all((rows[:, 9] >= np.where(depth < 1, 0.5 / 3, 0.5)) & (rows[:, 9] <= 1))
 
     with h5py.File(out / "localizations.hdf5", "r") as fh:
         locs = fh["locs"][...]
@@ -377,3 +381,31 @@ def test_predict_tta_records_the_mode_and_uses_the_symmetry_average(tmp_path,
     pred = Predictor.from_checkpoint(untrained_checkpoint, device="cpu")
     expected = pred.predict(stack, tta=True).maps[2]["probability"]
     np.testing.assert_allclose(tta_prob, np.asarray(expected), atol=1e-5)
+
+
+def test_predict_no_border_fit_is_recorded_and_reproduces_the_plain_network(tmp_path):
+    """--no-border-fit: predictions.h5 says so, and the table is the network's own decoding
+    (the bundled model on frames with spots cut by the border, where the two differ)."""
+    import h5py
+
+    from napari_var_emitter.camera import Camera
+    from napari_var_emitter.inference import Predictor
+    from napari_var_emitter.io.emitters import read_emitters
+    from napari_var_emitter.simulation import simulate_movie
+
+    movie = simulate_movie(12, (40, 40), rng=21, density_per_um2=2.0, background=20.0,
+                           highres_factor=None, camera=Camera())
+    tifffile.imwrite(tmp_path / "s.tif", movie.adu, photometric="minisblack")
+    common = ["predict", str(tmp_path / "s.tif"), "--device", "cpu", "--no-figures"]
+    assert main([*common, "--output_dir", str(tmp_path / "plain"), "--no-border-fit"]) == 0
+    assert main([*common, "--output_dir", str(tmp_path / "fit")]) == 0
+    with h5py.File(tmp_path / "plain" / "s" / "predictions.h5") as f, \
+            h5py.File(tmp_path / "fit" / "s" / "predictions.h5") as g:
+        assert not f.attrs["border_fit"] and g.attrs["border_fit"]
+    plain, _ = read_emitters(str(tmp_path / "plain" / "s" / "localizations.csv"), 100.0)
+    fitted, _ = read_emitters(str(tmp_path / "fit" / "s" / "localizations.csv"), 100.0)
+    network = Predictor.from_pretrained(device="cpu").predict(
+        movie.adu, maps=False, border_fit=False).localizations
+    assert len(plain) == len(network)
+    np.testing.assert_allclose(np.sort(plain["x"]), np.sort(network["x"]), atol=1e-3)
+    assert not np.array_equal(np.sort(plain["x"]), np.sort(fitted["x"]))

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="average the network over the 8 symmetries of each tile: lower RMSE in every "
               "benchmark scene, higher Jaccard except on very crowded frames, 8x slower "
               "(test-time augmentation, with its own calibration)")
+    _opt(r, "no-border-fit", action="store_true",
+         help="report spots at the frame border as the network places them, without the "
+              "maximum-likelihood refit that decides whether their centre is inside the frame")
     _opt(r, "no-maps", action="store_true", help="skip predictions.h5 (fast path)")
     _opt(r, "no-figures", action="store_true", help="skip the PNG figures")
     _opt(r, "overwrite", action="store_true", help="redo inputs whose outputs are complete")
@@ -439,14 +442,14 @@ def _predict_one(a, predictor, camera, path, stem, interrupts) -> None:
             px = a.pixel_size if a.pixel_size is not None else (stack.pixel_size_nm or 100.0)
             attrs = {"model_id": predictor.model_id, "config": predictor.config.to_dict(),
                      "threshold": a.threshold or predictor.threshold_for(a.tta),
-                     "tta": bool(a.tta),
+                     "tta": bool(a.tta), "border_fit": not a.no_border_fit,
                      "calibration": predictor.calibration,
                      "camera": camera.to_dict(), "pixel_size_nm": float(px),
                      "input": os.path.abspath(path)}
             gen = predictor.predict_iter(
                 stack, camera=camera, pixel_size_nm=px, threshold=a.threshold,
                 batch_size=a.batch_size or default_batch_size(predictor.device),
-                maps=not a.no_maps, name=path, tta=a.tta,
+                maps=not a.no_maps, name=path, tta=a.tta, border_fit=not a.no_border_fit,
                 maps_h5=None if a.no_maps else os.path.join(tmp, "predictions.h5"),
                 h5_attrs=attrs, cancel=interrupts.check)
             bar = _progress_bar(len(stack), 0, True)

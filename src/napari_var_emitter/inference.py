@@ -25,6 +25,8 @@ from .camera import Camera
 from .checkpoint import build_model_from_checkpoint, load_checkpoint
 from .config import Config
 from .errors import Cancelled, CheckpointError, InputFileError
+from .spotfit import (BORDER_FIT_BAND_PX, border_candidate_threshold, distance_inside,
+                      refit_border_detections)
 from .table import LOC_DTYPE, concat_tables, empty_table
 
 #: smallest frame side the model accepts (smaller frames carry too little context)
@@ -345,14 +347,17 @@ class Predictor:
     def predict_iter(self, stack, camera: Camera | None = None, pixel_size_nm: float = 100.0,
                      threshold: float | None = None, batch_size: int = 32, maps: bool = True,
                      maps_h5=None, name: str = "input", cancel=None, h5_attrs=None,
-                     calibrated: bool = True, tta: bool = False):
+                     calibrated: bool = True, tta: bool = False, border_fit: bool = True):
         """Localise every frame of ``stack`` (T, H, W) or (H, W) in ADU.
 
         ``threshold``: detection probability (None: the model's calibrated one, else 0.5).
         ``calibrated=False`` ignores the stored calibration (threshold 0.5 when none is
         given, uncertainties as the network predicts them). ``tta=True`` averages the
         network's maps over the eight symmetries of each tile (:mod:`.symmetry`): more
-        accurate, eight times slower, with its own stored calibration.
+        accurate, eight times slower, with its own stored calibration. ``border_fit`` refits
+        the detections within a pixel of the frame border by maximum likelihood and lets the
+        fit decide whether their centre is inside the frame (:mod:`.spotfit`); such
+        detections are kept from a third of ``threshold`` up.
 
         Yields a :class:`ProgressEvent` after each batch and returns a
         :class:`PredictionResult`. ``maps=True`` computes every scale; with ``maps_h5`` the
@@ -429,9 +434,21 @@ class Predictor:
                         for m in out.values():
                             m["sigma_x"] = m["sigma_x"] * sigma_scale[0]
                             m["sigma_y"] = m["sigma_y"] * sigma_scale[1]
-                batch = _place_detections(
-                    *decode_maps_table(out[self.loc_factor], self.loc_factor, threshold),
-                    where, ys, xs, ybounds, xbounds, min(BORDER_BAND_PX, float(margin)), t0)
+                if border_fit:
+                    table, tile = decode_maps_table(out[self.loc_factor], self.loc_factor,
+                                                    border_candidate_threshold(threshold))
+                    # weak candidates matter only at the frame border: dropping the others
+                    # first keeps them out of the tile-seam merging
+                    keep = ((table["prob"] >= threshold)
+                            | _near_frame_border(table, tile, where, ys, xs, h, w))
+                    batch = _place_detections(table[keep], tile[keep], where, ys, xs, ybounds,
+                                              xbounds, min(BORDER_BAND_PX, float(margin)), t0)
+                    batch = refit_border_detections(batch, photons[t0 - lo:t1 - lo], camera,
+                                                    threshold, frame_offset=t0)
+                else:
+                    batch = _place_detections(
+                        *decode_maps_table(out[self.loc_factor], self.loc_factor, threshold),
+                        where, ys, xs, ybounds, xbounds, min(BORDER_BAND_PX, float(margin)), t0)
                 if len(batch):
                     tables.append(batch)
                     n_locs += len(batch)
@@ -472,6 +489,15 @@ def _blank_constant_tiles(out: dict, centre: torch.Tensor) -> None:
     if bool(constant.any()):
         for m in out.values():
             m["prob"] = m["prob"].masked_fill(constant[:, None, None], 0.0)
+
+
+def _near_frame_border(table, tile, where, ys, xs, h, w) -> np.ndarray:
+    """Which tile detections lie within :data:`~.spotfit.BORDER_FIT_BAND_PX` of the frame's
+    own border (tile coordinates shifted by the tile's place in the frame)."""
+    _, ky, kx = np.asarray(where, dtype=np.intp).reshape(-1, 3)[tile].T
+    x = table["x"] + np.asarray(xs)[kx]
+    y = table["y"] + np.asarray(ys)[ky]
+    return distance_inside(x, y, (h, w)) < BORDER_FIT_BAND_PX
 
 
 def _place_detections(table, tile, where, ys, xs, ybounds, xbounds, band, t0):

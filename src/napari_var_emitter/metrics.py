@@ -20,8 +20,9 @@ import math
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from scipy.special import erf, spence
+from scipy.special import spence
 
+from .spotfit import distance_inside, integrated_gaussian_1d
 from .table import LOC_DTYPE
 
 __all__ = [
@@ -225,9 +226,7 @@ BORDER_BAND_PX = 1.0
 def border_distance_px(table, image_shape) -> np.ndarray:
     """Distance (input px) of each row of ``table`` from the nearest frame border (the outer
     edges of the border pixels, ``-0.5`` and ``size - 0.5``); negative outside the frame."""
-    h, w = (float(s) for s in image_shape)
-    x, y = np.asarray(table["x"], float), np.asarray(table["y"], float)
-    return np.minimum.reduce([x + 0.5, w - 0.5 - x, y + 0.5, h - 0.5 - y])
+    return distance_inside(table["x"], table["y"], image_shape)
 
 
 def _count_mae(tf: np.ndarray, pf: np.ndarray, n_frames) -> float:
@@ -272,14 +271,7 @@ def _psf_1d(centre: np.ndarray, sigma: np.ndarray, coords: np.ndarray):
 
     centre, sigma: (n,), coords: (n, K) pixel centres. Returns (E, dE/dcentre), (n, K).
     """
-    c = centre[:, None]
-    s = sigma[:, None]
-    hi = coords + 0.5 - c
-    lo = coords - 0.5 - c
-    root2s = math.sqrt(2.0) * s
-    e = 0.5 * (erf(hi / root2s) - erf(lo / root2s))
-    norm = 1.0 / (math.sqrt(2.0 * math.pi) * s)
-    de = norm * (np.exp(-lo ** 2 / (2 * s ** 2)) - np.exp(-hi ** 2 / (2 * s ** 2)))
+    e, de, _ = integrated_gaussian_1d(centre, sigma, coords)
     return e, de
 
 

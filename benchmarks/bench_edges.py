@@ -8,6 +8,9 @@ frame, or anywhere in the interior (``interior`` column), at a fixed number of p
 
     python benchmarks/bench_edges.py bundled runs/candidate.pth
 
+``--no-border-fit-too`` adds a row per checkpoint without the border refit
+(``predict --no-border-fit``).
+
 Distances are measured from the outer edge of the border pixels (0 = on the border, 0.5 = at
 the centre of the border pixel). A detection within 250 nm counts. Negative distances put
 the emitter outside the frame: it only lights the border pixels, and a detection near it
@@ -57,16 +60,17 @@ def edge_frames(rng, n: int, distance, photons: float, background: float, sigma=
 
 
 def recall_table(predictors: dict, photons, background: float, n: int, seed: int) -> list:
-    """Markdown rows: recall per (checkpoint, photons) and distance."""
+    """Markdown rows: recall per (checkpoint, photons) and distance; ``predictors`` maps a
+    row name to a (predictor, ``predict`` keyword arguments) pair."""
     columns = [*DISTANCES_PX, None]
     rows = []
     for ph in photons:
         frames = [edge_frames(np.random.default_rng([seed, int(ph), k]), n, d, ph, background)
                   for k, d in enumerate(columns)]
-        for name, pred in predictors.items():
+        for name, (pred, options) in predictors.items():
             cells = []
             for d, (adu, truth) in zip(columns, frames):
-                locs = pred.predict(adu, camera=CAMERA, maps=False).localizations
+                locs = pred.predict(adu, camera=CAMERA, maps=False, **options).localizations
                 ti, _ = match_tables(truth, locs, 250.0, 100.0)
                 # outside the frame: the share of frames with a (false) detection near it
                 cells.append(f"{len(ti) / n:.2f}" if d is None or d >= 0 else
@@ -82,9 +86,15 @@ def main(argv=None) -> int:
     ap.add_argument("--background", type=float, default=30.0, help="photons per pixel")
     ap.add_argument("--frames", type=int, default=200, help="frames per distance")
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--no-border-fit-too", action="store_true",
+                    help="also a row per checkpoint without the border refit")
     a = ap.parse_args(argv)
-    predictors = {c: (Predictor.from_pretrained() if c == "bundled"
-                      else Predictor.from_checkpoint(c)) for c in a.checkpoints}
+    predictors = {}
+    for c in a.checkpoints:
+        pred = Predictor.from_pretrained() if c == "bundled" else Predictor.from_checkpoint(c)
+        predictors[c] = (pred, {})
+        if a.no_border_fit_too:
+            predictors[c + " -border fit"] = (pred, {"border_fit": False})
     head = " | ".join(f"{d:g} px" for d in DISTANCES_PX) + " | interior"
     print(f"| model | photons | {head} |")
     print("|---|---|" + "---|" * (len(DISTANCES_PX) + 1))

@@ -222,6 +222,17 @@ def test_compare_models_scores_every_checkpoint_on_the_same_movies(capsys, untra
         assert scores[0] == scores[1]
 
 
+def test_compare_models_adds_a_row_without_the_border_fit(capsys, untrained_checkpoint):
+    import compare_models
+
+    ckpt = str(untrained_checkpoint)
+    compare_models.main([ckpt, "--densities", "1", "--movies", "1", "--frames", "2",
+                         "--no-border-fit-too"])
+    names = [line.split("|")[2].strip() for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| 1 |")]
+    assert names == [ckpt, ckpt + " -border fit"]
+
+
 def test_compare_models_margin_zero_draws_emitters_only_inside_the_frame():
     import compare_models
     from napari_var_emitter.simulation import in_field_of_view
@@ -264,10 +275,11 @@ def test_edge_benchmark_reports_every_distance(capsys, untrained_checkpoint):
     import bench_edges
 
     ckpt = str(untrained_checkpoint)
-    bench_edges.main([ckpt, "--frames", "2", "--photons", "1000"])
+    bench_edges.main([ckpt, "--frames", "2", "--photons", "1000", "--no-border-fit-too"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == [ckpt, ckpt + " -border fit"]
     cells = [c.strip() for c in rows[-1].strip().strip("|").split("|")]
-    assert cells[:2] == [ckpt, "1000"]
+    assert cells[:2] == [ckpt + " -border fit", "1000"]
     values = cells[2:]
     assert len(values) == len(bench_edges.DISTANCES_PX) + 1
     # outside the frame the share of false detections is shown in parentheses

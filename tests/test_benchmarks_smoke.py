@@ -271,6 +271,19 @@ def test_edge_frames_put_each_emitter_at_the_asked_distance_from_the_border():
     assert border_distance_px(t, (h, w)).min() >= 8.0
 
 
+def test_small_frame_benchmark_scores_every_crop_of_the_same_movie(capsys,
+                                                                   untrained_checkpoint):
+    import bench_small_frames
+
+    ckpt = str(untrained_checkpoint)
+    bench_small_frames.main([ckpt, "--frames", "3"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {ckpt}")]
+    cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
+    assert [c[1] for c in cells] == [f"{n}x{n}" for n in bench_small_frames.SIZES]
+    counts = [int(c[2]) for c in cells]
+    assert counts == sorted(counts, reverse=True) and counts[-1] > 0  # corners of one movie
+
+
 def test_edge_benchmark_reports_every_distance(capsys, untrained_checkpoint):
     import bench_edges
 

@@ -258,6 +258,24 @@ def test_constant_frames_give_no_localisations_with_the_bundled_model():
     assert len(alone) == len(res.localizations) > 5
     np.testing.assert_allclose(alone["x"], res.localizations["x"], atol=1e-4)
 
+def test_frames_smaller_than_a_tile_are_localised_at_their_own_size():
+    """A 24x24 movie (the corner of a 40x40 one, sloping background) is localised at its
+    own size, nearly as well as the whole frame's corner, where the cut edges are interior
+    (padding it to the 40x40 tile once gave 2.3 detections per emitter, Jaccard 0.47)."""
+    from napari_var_emitter.metrics import evaluate_tables
+    from napari_var_emitter.simulation import simulate_movie
+
+    cam = Camera(baseline=100.0, e_per_adu=0.5, qe=0.9, read_noise=1.5)
+    movie = simulate_movie(60, (40, 40), rng=7, density_per_um2=1.0, photons=(500, 5000),
+                           background=(10, 50), camera=cam, highres_factor=None)
+    truth = movie.table[(movie.table["x"] < 23.5) & (movie.table["y"] < 23.5)]
+    truth = truth[(truth["x"] >= -0.5) & (truth["y"] >= -0.5)]
+    small = Predictor.from_pretrained(device="cpu").predict(
+        movie.adu[:, :24, :24], camera=cam, maps=False, border_fit=False).localizations
+    r = evaluate_tables(truth, small, image_shape=(24, 24), n_frames=60)
+    assert r["precision"] > 0.92 and r["recall"] > 0.85 and r["jaccard"] > 0.85, r
+
+
 def test_frames_smaller_than_a_tile_are_padded_and_tiny_frames_refused(untrained_checkpoint):
     pred = Predictor.from_checkpoint(untrained_checkpoint, device="cpu")
     res = pred.predict(np.full((2, 9, 13), 20, np.uint16))  # smaller than the 16x16 tile

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 from napari_var_emitter.inference import Predictor
 from napari_var_emitter.metrics import evaluate_tables
 from napari_var_emitter.simulation import simulate_movie
 from run_benchmarks import SCMOS  # the benchmark's own camera (same folder)
 
-SIZES = (40, 32, 24, 23, 21, 17, 13, 12)
+SIZES = (40, 32, 24, 23, 21, 19, 17, 15, 13, 12, 11)
 
 
 def corner(movie, n: int):

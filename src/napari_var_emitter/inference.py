@@ -395,7 +395,6 @@ class Predictor:
                                  f"use (at least {MIN_FRAME_SIDE}x{MIN_FRAME_SIDE})")
         factors = self.factors if maps else [self.loc_factor]
         th, tw = self.config.model.input_size
-        margin = max(2, min(th, tw) // 6)
         # a frame smaller than a tile along an axis is cut into tiles as large as fit in it, in
         # whole patches (the network takes any multiple of its patch size), so the network
         # sees only real pixels: padded to a full tile, the frame's edge inside the tile
@@ -404,8 +403,12 @@ class Predictor:
         patch = self.config.model.patch_size
         th = min(th, max(patch, h // patch * patch))
         tw = min(tw, max(patch, w // patch * patch))
-        ys, ybounds = tile_grid(h, th, margin)
-        xs, xbounds = tile_grid(w, tw, margin)
+        # overlap of neighbouring tiles: a sixth of the tile in use along each axis (a tile
+        # shrunk to a small frame with the full tile's margin stepped by one pixel)
+        margin_y, margin_x = max(2, th // 6), max(2, tw // 6)
+        ys, ybounds = tile_grid(h, th, margin_y)
+        xs, xbounds = tile_grid(w, tw, margin_x)
+        band = min(BORDER_BAND_PX, float(min(margin_y, margin_x)))
         ctx = self.config.model.context_frames
         half = ctx // 2
         # with maps, the x8 activations of a tile are ~64x its input: fewer tiles per
@@ -453,13 +456,14 @@ class Predictor:
                     keep = ((table["prob"] >= threshold)
                             | _near_frame_border(table, tile, where, ys, xs, h, w))
                     batch = _place_detections(table[keep], tile[keep], where, ys, xs, ybounds,
-                                              xbounds, min(BORDER_BAND_PX, float(margin)), t0)
+                                              xbounds, band, t0, threshold)
                     batch = refit_border_detections(batch, photons[t0 - lo:t1 - lo], camera,
-                                                    threshold, frame_offset=t0)
+                                                    threshold, frame_offset=t0,
+                                                    device=self.device)
                 else:
                     batch = _place_detections(
                         *decode_maps_table(out[self.loc_factor], self.loc_factor, threshold),
-                        where, ys, xs, ybounds, xbounds, min(BORDER_BAND_PX, float(margin)), t0)
+                        where, ys, xs, ybounds, xbounds, band, t0)
                 if len(batch):
                     tables.append(batch)
                     n_locs += len(batch)
@@ -511,7 +515,8 @@ def _near_frame_border(table, tile, where, ys, xs, h, w) -> np.ndarray:
     return distance_inside(x, y, (h, w)) < BORDER_FIT_BAND_PX
 
 
-def _place_detections(table, tile, where, ys, xs, ybounds, xbounds, band, t0):
+def _place_detections(table, tile, where, ys, xs, ybounds, xbounds, band, t0,
+                      threshold: float = 0.0):
     """Tile detections -> one frame-coordinate table for a batch of frames, each emitter once,
     ordered by (frame, y, x).
 
@@ -543,12 +548,14 @@ def _place_detections(table, tile, where, ys, xs, ybounds, xbounds, band, t0):
         keep = np.ones(len(table), bool)
         for a, b in zip(starts[:-1], starts[1:]):
             if tile[a] != tile[b - 1]:  # detections from more than one tile
-                keep[a:b] = merge_frame_detections(table[a:b], own[a:b], tile[a:b])
+                keep[a:b] = merge_frame_detections(table[a:b], own[a:b], tile[a:b],
+                                                   threshold=threshold)
         table = table[keep]
     return table[np.lexsort((table["x"], table["y"], table["frame"]))]
 
 
-def merge_frame_detections(tab, own, src, radius: float = DUPLICATE_RADIUS_PX) -> np.ndarray:
+def merge_frame_detections(tab, own, src, radius: float = DUPLICATE_RADIUS_PX,
+                           threshold: float = 0.0) -> np.ndarray:
     """Which of one frame's detections to keep (a boolean mask), each emitter once.
 
     ``src`` is each detection's tile and ``own`` marks the detections that lie in their
@@ -556,7 +563,9 @@ def merge_frame_detections(tab, own, src, radius: float = DUPLICATE_RADIUS_PX) -
     emitter seen twice near a border; the one in its own tile's core wins (then the more
     probable). A detection outside its core with no twin is kept: the tile that owns that
     place missed it (or put it on the other side), and the detection is still at least
-    ``margin - band`` pixels from its tile's cut edge.
+    ``margin - band`` pixels from its tile's cut edge. Candidates below ``threshold`` (weak
+    ones kept for the border refit) lose to any twin at or above it, so an emitter the
+    network found is never replaced by a candidate the refit may then drop.
     """
     keep = np.ones(len(tab), bool)
     if len(tab) < 2 or np.all(src == src[0]):
@@ -565,8 +574,10 @@ def merge_frame_detections(tab, own, src, radius: float = DUPLICATE_RADIUS_PX) -
     pairs = pairs[src[pairs[:, 0]] != src[pairs[:, 1]]]
     if not len(pairs):
         return keep
-    # own-core detections first, then by probability: greedy suppression of cross-tile twins
-    owner = _greedy_owners(len(tab), pairs, np.lexsort((-tab["prob"], ~np.asarray(own, bool))))
+    # detections at the threshold first, then own-core ones, then by probability: greedy
+    # suppression of cross-tile twins
+    order = np.lexsort((-tab["prob"], ~np.asarray(own, bool), tab["prob"] < threshold))
+    owner = _greedy_owners(len(tab), pairs, order)
     return owner == np.arange(len(tab))
 
 

@@ -25,8 +25,9 @@ The border rule (:func:`refit_border_detections`)
     Detections within :data:`BORDER_FIT_BAND_PX` of the border are fitted from probability
     ``threshold * BORDER_THRESHOLD_RATIO`` up. A fit is trusted when it describes its window
     (reduced chi-square below :data:`MAX_REDUCED_CHI2`; a neighbour's light in the window
-    spoils it), stays within :data:`MAX_SHIFT_PX` of the network's position and has a PSF
-    width in :data:`SIGMA_BOUNDS_PX`. A trusted fit decides: the detection is kept, at the
+    spoils it), stays within :data:`MAX_SHIFT_PX` of the network's position, has a PSF
+    width in :data:`SIGMA_BOUNDS_PX` and photons at least :data:`MIN_PHOTON_SIGNIFICANCE`
+    standard errors above 0. A trusted fit decides: the detection is kept, at the
     fitted position and photons, exactly when the fitted centre is inside the frame; its
     uncertainty is the larger of the fit's standard error and the network's. Otherwise the
     network's own threshold and position stand.
@@ -38,6 +39,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy.special import erf
 
 from .camera import Camera
@@ -53,6 +55,8 @@ FIT_RADIUS_PX = 3
 MAX_REDUCED_CHI2 = 2.0
 #: a fit that moves the spot further than this from the network's position is not trusted
 MAX_SHIFT_PX = 0.8
+#: a fit whose photons are fewer than this many standard errors is not trusted (a noise peak)
+MIN_PHOTON_SIGNIFICANCE = 3.0
 #: PSF sigma (px) allowed during the fit, and the range a trusted fit must end strictly inside
 SIGMA_LIMITS_PX = (0.6, 2.5)
 SIGMA_BOUNDS_PX = (0.65, 2.4)
@@ -67,32 +71,39 @@ def integrated_gaussian_1d(centre, sigma, coords):
     """Pixel-integrated 1-D Gaussian of unit area and its derivatives.
 
     ``centre``, ``sigma``: (n,); ``coords``: (n, K) pixel centres (pixels span
-    ``[c - 0.5, c + 0.5)``). Returns ``(E, dE/dcentre, dE/dsigma)``, each (n, K).
+    ``[c - 0.5, c + 0.5)``). Returns ``(E, dE/dcentre, dE/dsigma)``, each (n, K). Numpy
+    arrays in, numpy out; torch tensors in, torch out (on their device).
     """
-    c = np.asarray(centre, float)[:, None]
-    s = np.asarray(sigma, float)[:, None]
+    if isinstance(coords, torch.Tensor):
+        erf_, exp_ = torch.erf, torch.exp
+        c, s = centre[:, None], sigma[:, None]
+    else:
+        erf_, exp_ = erf, np.exp
+        c, s = np.asarray(centre, float)[:, None], np.asarray(sigma, float)[:, None]
     hi = (coords + 0.5 - c) / (_ROOT2 * s)
     lo = (coords - 0.5 - c) / (_ROOT2 * s)
-    e = 0.5 * (erf(hi) - erf(lo))
-    g_hi = np.exp(-hi * hi) / math.sqrt(math.pi)
-    g_lo = np.exp(-lo * lo) / math.sqrt(math.pi)
+    e = 0.5 * (erf_(hi) - erf_(lo))
+    g_hi = exp_(-hi * hi) / math.sqrt(math.pi)
+    g_lo = exp_(-lo * lo) / math.sqrt(math.pi)
     de_dc = (g_lo - g_hi) / (_ROOT2 * s)
     de_ds = (g_lo * lo - g_hi * hi) / s
     return e, de_dc, de_ds
 
 
 def pixel_variance(mu, camera: Camera):
-    """Variance (photons^2) of a pixel with expected ``mu`` photons, as
+    """Variance (photons^2) of a pixel with expected ``mu`` photons (array or tensor), as
     :meth:`Camera.adu_to_photons` reports it: shot noise (times the EMCCD excess factor),
     read noise and the rounding to whole ADU, referred to photons."""
     to_photons = camera.e_per_adu / (camera.em_gain * camera.qe)
     read = camera.read_noise / (camera.em_gain * camera.qe)
-    return camera.excess_noise * np.maximum(mu, 0.0) / camera.qe + read ** 2 + to_photons ** 2 / 12
+    shot = mu.clamp_min(0.0) if isinstance(mu, torch.Tensor) else np.maximum(mu, 0.0)
+    return camera.excess_noise * shot / camera.qe + read ** 2 + to_photons ** 2 / 12
 
 
 @dataclass
 class SpotFits:
-    """Results of :func:`fit_spots`, one entry per spot (positions in input px)."""
+    """Results of :func:`fit_spots`, one entry per spot (positions in input px; NaN for a
+    spot whose start or fit was not finite)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -101,6 +112,7 @@ class SpotFits:
     sigma: np.ndarray
     se_x: np.ndarray
     se_y: np.ndarray
+    se_photons: np.ndarray
     reduced_chi2: np.ndarray
 
 
@@ -109,44 +121,55 @@ def fit_spots(frames, frame_index, x, y, photons, background, camera: Camera | N
               iterations: int = FIT_ITERATIONS) -> SpotFits:
     """Fit one Gaussian spot per start by maximum likelihood (scaled Poisson noise).
 
-    ``frames``: (T, H, W) in photons (:meth:`Camera.adu_to_photons`); spot ``k`` is fitted
-    in frame ``frame_index[k]`` on the ``(2 radius + 1)^2`` window around the pixel nearest
+    ``frames``: (T, H, W) in photons (:meth:`Camera.adu_to_photons`), a numpy array or a
+    torch tensor (the fit runs on its device, in float64); spot ``k`` is fitted in frame
+    ``frame_index[k]`` on the ``(2 radius + 1)^2`` window around the pixel nearest
     ``(x[k], y[k])``, without the pixels beyond the frame. ``photons``, ``background``
     (per pixel) and ``sigma`` (px) start the fit. ``camera`` gives the noise model (default:
-    photons in, Poisson only).
+    photons in, Poisson noise and ADU rounding). A spot whose start is not finite is not
+    fitted (NaN results); the others do not depend on it.
     """
     camera = camera or Camera()
-    frames = np.asarray(frames)
+    frames = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(np.asarray(frames))
+    dev, f64 = frames.device, torch.float64
     _, h, w = frames.shape
-    x0, y0 = np.asarray(x, float), np.asarray(y, float)
-    k = len(x0)
-    if k == 0:
-        empty = np.zeros(0)
-        return SpotFits(*(empty,) * 8)
-    off = np.arange(-radius, radius + 1)
-    cols = np.rint(x0).astype(np.intp)[:, None] + off
-    rows = np.rint(y0).astype(np.intp)[:, None] + off
+    start = np.stack([np.asarray(v, float).reshape(-1) for v in (x, y, photons, background)])
+    k = start.shape[1]
+    finite = np.isfinite(start).all(0)
+    result = {name: np.full(k, np.nan) for name in
+              ("x", "y", "photons", "background", "sigma", "se_x", "se_y", "se_photons",
+               "reduced_chi2")}
+    if not finite.any():
+        return SpotFits(**result)
+    sel = np.flatnonzero(finite)
+    n = len(sel)
+    x0, y0 = (torch.as_tensor(start[i, sel], dtype=f64, device=dev) for i in (0, 1))
+    off = torch.arange(-radius, radius + 1, device=dev)
+    cols = torch.round(x0).long()[:, None] + off
+    rows = torch.round(y0).long()[:, None] + off
     mask = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-    fi = np.asarray(frame_index, np.intp)
-    data = frames[fi[:, None, None], rows.clip(0, h - 1)[:, :, None],
-                  cols.clip(0, w - 1)[:, None, :]].astype(float)
-    data = np.where(mask, data, 0.0)
-    cols, rows = cols.astype(float), rows.astype(float)
+    fi = torch.as_tensor(np.asarray(frame_index, np.int64).reshape(-1)[sel], device=dev)
+    data = frames[fi[:, None, None], rows.clamp(0, h - 1)[:, :, None],
+                  cols.clamp(0, w - 1)[:, None, :]].to(f64)
+    data = torch.where(mask, data, torch.zeros((), dtype=f64, device=dev))
+    cols, rows = cols.to(f64), rows.to(f64)
     # parameters: x, y, photons, background, sigma
-    p = np.stack([x0, y0, np.maximum(np.asarray(photons, float), 10.0),
-                  np.maximum(np.asarray(background, float), 0.1), np.full(k, float(sigma))], 1)
+    p = torch.stack([x0, y0,
+                     torch.as_tensor(start[2, sel], dtype=f64, device=dev).clamp_min(10.0),
+                     torch.as_tensor(start[3, sel], dtype=f64, device=dev).clamp_min(0.1),
+                     torch.full((n,), float(sigma), dtype=f64, device=dev)], 1)
 
     def expected(p):
         ex, ex_c, ex_s = integrated_gaussian_1d(p[:, 0], p[:, 4], cols)
         ey, ey_c, ey_s = integrated_gaussian_1d(p[:, 1], p[:, 4], rows)
-        n = p[:, 2, None, None]
+        amp = p[:, 2, None, None]
         psf = ey[:, :, None] * ex[:, None, :]
-        mu = p[:, 3, None, None] + n * psf
-        jac = np.stack([n * ey[:, :, None] * ex_c[:, None, :],
-                        n * ey_c[:, :, None] * ex[:, None, :],
-                        psf, np.ones_like(psf),
-                        n * (ey_s[:, :, None] * ex[:, None, :] + ey[:, :, None] * ex_s[:, None, :])],
-                       -1)
+        mu = p[:, 3, None, None] + amp * psf
+        jac = torch.stack([amp * ey[:, :, None] * ex_c[:, None, :],
+                           amp * ey_c[:, :, None] * ex[:, None, :],
+                           psf, torch.ones_like(psf),
+                           amp * (ey_s[:, :, None] * ex[:, None, :]
+                                  + ey[:, :, None] * ex_s[:, None, :])], -1)
         return mu, jac
 
     # the noise as a scaled Poisson variable: with var = a mu + c, Y = (d + c/a) / a has
@@ -157,46 +180,60 @@ def fit_spots(frames, frame_index, x, y, photons, background, camera: Camera | N
     scaled = (data + c / a) / a
 
     def objective(mu):
-        lam = np.maximum((mu + c / a) / a, 1e-9)
-        return np.sum(np.where(mask, lam - scaled * np.log(lam), 0.0), axis=(1, 2))
+        lam = ((mu + c / a) / a).clamp_min(1e-9)
+        return torch.where(mask, lam - scaled * torch.log(lam), 0.0).sum((1, 2))
 
     def information(mu, jac):
-        """Fisher information (k, 5, 5), the weights and the flattened Jacobian."""
-        weight = np.where(mask, 1.0 / pixel_variance(mu, camera), 0.0).reshape(k, -1)
-        flat = jac.reshape(k, -1, 5)
-        return np.matmul(flat.transpose(0, 2, 1) * weight[:, None, :], flat), weight, flat
+        """Fisher information (n, 5, 5), the weights and the flattened Jacobian."""
+        weight = torch.where(mask, 1.0 / pixel_variance(mu, camera), 0.0).reshape(n, -1)
+        flat = jac.reshape(n, -1, 5)
+        return (flat.transpose(1, 2) * weight[:, None, :]) @ flat, weight, flat
 
+    lower = torch.tensor([-math.inf, -math.inf, 1.0, 0.01, SIGMA_LIMITS_PX[0]], dtype=f64,
+                         device=dev)
+    upper = torch.tensor([math.inf, math.inf, math.inf, math.inf, SIGMA_LIMITS_PX[1]],
+                         dtype=f64, device=dev)
     mu, jac = expected(p)
     cost = objective(mu)
-    damping = np.full(k, 1e-2)
-    eye = np.eye(5)
+    damping = torch.full((n,), 1e-2, dtype=f64, device=dev)
+    eye = torch.eye(5, dtype=f64, device=dev)
+    stalled = 0
     for _ in range(iterations):
         fisher, weight, flat = information(mu, jac)
-        grad = np.matmul((weight * (data - mu).reshape(k, -1))[:, None, :], flat)[:, 0]
-        diag = np.maximum(np.diagonal(fisher, axis1=1, axis2=2), 1e-12)
+        grad = ((weight * (data - mu).reshape(n, -1))[:, None, :] @ flat)[:, 0]
+        diag = torch.diagonal(fisher, dim1=1, dim2=2).clamp_min(1e-12)
         lhs = fisher + damping[:, None, None] * eye * diag[:, :, None]
-        step = np.linalg.solve(lhs, grad[..., None])[..., 0]
-        trial = p + step
-        trial[:, 2] = np.maximum(trial[:, 2], 1.0)
-        trial[:, 3] = np.maximum(trial[:, 3], 0.01)
-        trial[:, 4] = np.clip(trial[:, 4], *SIGMA_LIMITS_PX)
+        step = torch.linalg.solve_ex(lhs, grad[..., None])[0][..., 0]  # no raise: NaN stays put
+        trial = torch.maximum(torch.minimum(p + step, upper), lower)
         # the window is centred on the start: a fit that wanders off it is meaningless
-        trial[:, 0] = np.clip(trial[:, 0], x0 - radius / 2, x0 + radius / 2)
-        trial[:, 1] = np.clip(trial[:, 1], y0 - radius / 2, y0 + radius / 2)
+        trial[:, 0] = torch.maximum(torch.minimum(trial[:, 0], x0 + radius / 2), x0 - radius / 2)
+        trial[:, 1] = torch.maximum(torch.minimum(trial[:, 1], y0 + radius / 2), y0 - radius / 2)
         mu_t, jac_t = expected(trial)
         cost_t = objective(mu_t)
         better = cost_t < cost
-        p[better], mu[better], jac[better], cost[better] = (
-            trial[better], mu_t[better], jac_t[better], cost_t[better])
-        damping = np.where(better, damping * 0.3, damping * 10.0)
+        p = torch.where(better[:, None], trial, p)
+        mu = torch.where(better[:, None, None], mu_t, mu)
+        jac = torch.where(better[:, None, None, None], jac_t, jac)
+        gain = float(torch.where(better, cost - cost_t, 0.0).max())
+        cost = torch.where(better, cost_t, cost)
+        damping = torch.where(better, damping * 0.3, damping * 10.0)
+        # converged: two rounds in a row in which no spot's likelihood moved
+        stalled = stalled + 1 if gain < 1e-4 else 0
+        if stalled == 2:
+            break
     fisher, weight, _ = information(mu, jac)
-    cov = np.linalg.pinv(fisher)
-    se = np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0))
-    n_pix = mask.sum(axis=(1, 2))
-    chi2 = np.sum((data - mu).reshape(k, -1) ** 2 * weight, axis=1)
-    return SpotFits(x=p[:, 0], y=p[:, 1], photons=p[:, 2], background=p[:, 3], sigma=p[:, 4],
-                    se_x=se[:, 0], se_y=se[:, 1],
-                    reduced_chi2=chi2 / np.maximum(n_pix - 5, 1))
+    ok = torch.isfinite(fisher).all(2).all(1)
+    cov = torch.linalg.pinv(torch.where(ok[:, None, None], fisher, eye))
+    se = torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0.0).sqrt()
+    se = torch.where(ok[:, None], se, torch.full_like(se, math.nan))
+    n_pix = mask.sum((1, 2))
+    chi2 = ((data - mu).reshape(n, -1) ** 2 * weight).sum(1)
+    values = torch.cat([p, se[:, [0, 1, 2]], (chi2 / (n_pix - 5).clamp_min(1))[:, None]], 1)
+    values = values.cpu().numpy()  # one transfer
+    for j, name in enumerate(("x", "y", "photons", "background", "sigma", "se_x", "se_y",
+                              "se_photons", "reduced_chi2")):
+        result[name][sel] = values[:, j]
+    return SpotFits(**result)
 
 
 def distance_inside(x, y, shape) -> np.ndarray:
@@ -213,7 +250,7 @@ def border_candidate_threshold(threshold: float) -> float:
 
 
 def refit_border_detections(table, frames, camera: Camera | None, threshold: float,
-                            frame_offset: int = 0) -> np.ndarray:
+                            frame_offset: int = 0, device=None) -> np.ndarray:
     """Apply the border rule (module docstring) to one batch of detections.
 
     ``table``: detections (frame coordinates) decoded down to
@@ -221,7 +258,8 @@ def refit_border_detections(table, frames, camera: Camera | None, threshold: flo
     table frame ``f`` is ``frames[f - frame_offset]``. Returns the kept rows: those at or
     above ``threshold`` away from the border, and the border ones the rule keeps (refitted
     ones get the fit's position, photons, background, sigma and standard errors), ordered
-    by frame, then y, then x.
+    by frame, then y, then x. ``device``: where to fit (e.g. the network's GPU; default the
+    CPU).
     """
     keep = table["prob"] >= threshold
     near = np.flatnonzero((distance_inside(table["x"], table["y"], frames.shape[1:])
@@ -230,9 +268,12 @@ def refit_border_detections(table, frames, camera: Camera | None, threshold: flo
     if not len(near):
         return table[keep]
     rows = table[near]
+    if device is not None:
+        frames = torch.as_tensor(np.asarray(frames)).to(device)
     fit = fit_spots(frames, rows["frame"] - frame_offset, rows["x"], rows["y"], rows["photons"],
                     rows["background"], camera)
     trusted = ((fit.reduced_chi2 < MAX_REDUCED_CHI2)
+               & (fit.photons > MIN_PHOTON_SIGNIFICANCE * fit.se_photons)
                & (np.hypot(fit.x - rows["x"], fit.y - rows["y"]) < MAX_SHIFT_PX)
                & (fit.sigma > SIGMA_BOUNDS_PX[0]) & (fit.sigma < SIGMA_BOUNDS_PX[1])
                & np.isfinite(fit.se_x) & np.isfinite(fit.se_y))

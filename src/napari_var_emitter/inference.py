@@ -9,8 +9,8 @@ neighbouring tiles estimate a border emitter's position slightly differently, so
 "keep what falls in your core" rule would report it twice or never when their estimates
 straddle the border; tiles therefore report a band beyond their core too and
 :func:`merge_frame_detections` keeps one detection per emitter (test_inference checks it).
-A frame smaller than a tile along an axis is cut into smaller tiles, whole patches that fit
-in it, so the network sees only real pixels. Detections within a pixel of the frame's own border are refitted by
+A frame smaller than a tile along an axis is cut into smaller tiles of whole patches that
+fit in it (or one pixel more, mirrored), so the network sees (almost) only real pixels. Detections within a pixel of the frame's own border are refitted by
 :mod:`.spotfit`.
 """
 
@@ -60,7 +60,8 @@ class ProgressEvent:
 class PredictionResult:
     """Localisations (``table.LOC_DTYPE``, input pixels) and, when asked, the maps:
     ``maps[f][name]`` array-like of shape (T, f*H, f*W) for name in :data:`MAP_NAMES`;
-    ``threshold`` is the detection threshold the localisations were decoded with."""
+    ``threshold`` is the detection threshold the localisations were decoded with (rows the
+    border refit kept, :mod:`.spotfit`, may have a probability down to a third of it)."""
 
     localizations: np.ndarray
     shape: tuple
@@ -396,13 +397,14 @@ class Predictor:
         factors = self.factors if maps else [self.loc_factor]
         th, tw = self.config.model.input_size
         # a frame smaller than a tile along an axis is cut into tiles as large as fit in it, in
-        # whole patches (the network takes any multiple of its patch size), so the network
-        # sees only real pixels: padded to a full tile, the frame's edge inside the tile
-        # looked like more frame and spots cut by it were reported inside (24x24 crops:
-        # Jaccard 0.72 instead of 0.88, `benchmarks/bench_small_frames.py`)
+        # whole patches (the network takes any multiple of its patch size), or one pixel
+        # larger (mirrored by one row: harmless, where 2-3 were not): padded to a full tile,
+        # the frame's edge inside the tile looked like more frame and spots cut by it were
+        # reported inside (24x24 crops: Jaccard 0.74 instead of 0.88,
+        # `benchmarks/bench_small_frames.py`)
         patch = self.config.model.patch_size
-        th = min(th, max(patch, h // patch * patch))
-        tw = min(tw, max(patch, w // patch * patch))
+        th = min(th, max(patch, (h + 1) // patch * patch))
+        tw = min(tw, max(patch, (w + 1) // patch * patch))
         # overlap of neighbouring tiles: a sixth of the tile in use along each axis (a tile
         # shrunk to a small frame with the full tile's margin stepped by one pixel)
         margin_y, margin_x = max(2, th // 6), max(2, tw // 6)
@@ -675,8 +677,8 @@ def _read_block(stack, lo, hi, name) -> np.ndarray:
 
 def _cut_tiles(photons, a, b, ctx, ys, xs, th, tw):
     """Tiles (N, ctx, th, tw) for frames ``a..b-1`` of the block and their (frame, ky, kx)
-    indices. A frame smaller than a tile (only when it is smaller than one patch of a model
-    with large patches) is mirrored at its bottom and right edges, which continues a sloping
+    indices. A frame smaller than a tile (one pixel short of whole patches, or smaller than
+    one patch) is mirrored at its bottom and right edges, which continues a sloping
     background (a constant filling makes a step that reads as spots)."""
     t, h, w = photons.shape
     if h < th or w < tw:

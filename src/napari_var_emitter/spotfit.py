@@ -7,16 +7,17 @@ Why the border needs it
     its detection probability, so a real spot half a pixel inside often stays below the
     threshold while one just outside is reported. A fit of the pixels that exist settles
     both: on simulated 40x40 frames (sCMOS, 30 photons/px of background, PSF sigma
-    1.0-1.5 px) it finds 0.84 / 0.97 / 0.99 of the spots at the border pixel's centre at
-    500 / 1,000 / 2,000 photons, where the network's threshold alone finds 0.47 / 0.68 /
-    0.87 (``benchmarks/bench_edges.py``).
+    1.0-1.5 px) it finds 0.74 / 0.95 / 0.99 of the spots at the border pixel's centre at
+    500 / 1,000 / 2,000 photons, where the network's threshold alone finds 0.41 / 0.68 /
+    0.85 (``benchmarks/bench_edges.py``).
 
 The fit
     A pixel-integrated Gaussian (centre, photons, a constant background and its own sigma)
     on a square window around the start, leaving out the pixels beyond the frame, with the
     camera's noise per pixel: ``F * mu / qe`` (Poisson, excess factor ``F`` 2 for an EMCCD)
     plus read noise and ADU rounding, all in photons. Levenberg-Marquardt steps on the
-    Fisher information, vectorised over all spots of a batch; a step is taken when it raises
+    Fisher information, vectorised over all spots of a batch in torch (float64, on the
+    network's device), until no spot's likelihood moves; a step is taken when it raises
     the likelihood of the data as a scaled Poisson variable with that variance. The
     standard errors are the inverse Fisher information's (the Cramer-Rao bound at the
     fitted values, sigma unknown).

@@ -96,3 +96,21 @@ def test_cli_predict_on_the_gpu_writes_every_output(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     names = {p.name for p in (out / "movie").iterdir()}
     assert {"localizations.csv", "localizations.hdf5", "predictions.h5"} <= names, names
+
+
+def test_spot_fits_on_the_gpu_match_the_cpu():
+    """The border refit runs on the network's device (float64): same fits there."""
+    from napari_var_emitter.camera import Camera
+    from napari_var_emitter.spotfit import fit_spots
+
+    cam = Camera(baseline=100.0, e_per_adu=0.5, qe=0.9, read_noise=1.5)
+    movie = simulate_movie(50, (40, 40), rng=12, density_per_um2=0.3, camera=cam,
+                           highres_factor=None)
+    frames = cam.adu_to_photons(movie.adu)
+    t = movie.table_in_view()
+    args = (t["frame"], t["x"] + 0.2, t["y"] - 0.2, t["photons"] / 2, np.full(len(t), 20.0), cam)
+    cpu = fit_spots(frames, *args)
+    gpu = fit_spots(torch.from_numpy(frames).cuda(), *args)
+    assert len(t) > 20
+    np.testing.assert_allclose(gpu.x, cpu.x, atol=1e-6)
+    np.testing.assert_allclose(gpu.se_photons, cpu.se_photons, rtol=1e-6)

@@ -284,6 +284,39 @@ def test_small_frame_benchmark_scores_every_crop_of_the_same_movie(capsys,
     assert counts == sorted(counts, reverse=True) and counts[-1] > 0  # corners of one movie
 
 
+def test_photon_simulator_puts_each_spot_where_its_truth_says():
+    """The second simulator's truth is in the package's pixel-centre convention: the light
+    centroid of a lone bright spot sits at its true position."""
+    import bench_photon_sim
+
+    cam = bench_photon_sim.SCMOS
+    adu, truth = bench_photon_sim.photon_movie(np.random.default_rng(4), 300, (40, 40), 0.06,
+                                               10.0, cam)
+    photons = cam.adu_to_photons(adu) - 10.0
+    counts = np.bincount(truth["frame"].astype(int), minlength=300)
+    rr, cc = np.mgrid[:40, :40]
+    errors = []
+    for t in truth:
+        if counts[int(t["frame"])] != 1 or not (8 < t["x"] < 31 and 8 < t["y"] < 31):
+            continue
+        img = photons[int(t["frame"])]
+        w = np.where((np.abs(cc - t["x"]) < 5) & (np.abs(rr - t["y"]) < 5), img, 0.0)
+        errors.append(((w * cc).sum() / w.sum() - t["x"], (w * rr).sum() / w.sum() - t["y"]))
+    errors = np.asarray(errors)
+    assert len(errors) > 20
+    # no offset (a corner/centre mix-up would be half a pixel), and each spot close
+    assert np.all(np.abs(errors.mean(0)) < 0.08) and np.median(np.abs(errors)) < 0.2
+
+
+def test_photon_simulator_benchmark_scores_both_simulators(capsys, untrained_checkpoint):
+    import bench_photon_sim
+
+    ckpt = str(untrained_checkpoint)
+    bench_photon_sim.main([ckpt, "--sizes", "24", "--densities", "1", "--frames", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 24x24")]
+    assert [r.split("|")[3].strip() for r in rows] == ["photons", "package"]
+
+
 def test_edge_benchmark_reports_every_distance(capsys, untrained_checkpoint):
     import bench_edges
 

@@ -10,8 +10,8 @@ neighbouring tiles estimate a border emitter's position slightly differently, so
 straddle the border; tiles therefore report a band beyond their core too and
 :func:`merge_frame_detections` keeps one detection per emitter (test_inference checks it).
 A frame smaller than a tile along an axis is cut into smaller tiles of whole patches that
-fit in it (or one pixel more, mirrored), so the network sees (almost) only real pixels. Detections within a pixel of the frame's own border are refitted by
-:mod:`.spotfit`.
+fit in it (or one pixel more, mirrored), so the network sees (almost) only real pixels.
+Detections within a pixel of the frame's own border are refitted by :mod:`.spotfit`.
 """
 
 from __future__ import annotations

@@ -334,8 +334,7 @@ def _cmd_predict(a) -> int:
         raise ConfigError(f"--batch_size must be >= 1, got {a.batch_size}")
     if a.threshold is not None and not 0 < a.threshold <= 1:
         raise ConfigError(f"--threshold must be in (0, 1], got {a.threshold}")
-    if a.pixel_size is not None and not (math.isfinite(a.pixel_size) and a.pixel_size > 0):
-        raise ConfigError(f"--pixel-size must be a positive number of nm, got {a.pixel_size}")
+    _check_pixel_size(a.pixel_size)
     stems = [os.path.splitext(os.path.basename(p))[0] for p in inputs]
     seen = {}
     for p, stem in zip(inputs, stems):
@@ -572,6 +571,14 @@ def _close_maps(result):
                 return
 
 
+def _check_pixel_size(pixel_size) -> None:
+    """``--pixel-size``: unset or a positive finite number of nm."""
+    from .errors import ConfigError
+
+    if pixel_size is not None and not (math.isfinite(pixel_size) and pixel_size > 0):
+        raise ConfigError(f"--pixel-size must be a positive number of nm, got {pixel_size}")
+
+
 def _replace_dir(tmp, final):
     """Move a finished output folder into place. An existing folder keeps the files that are
     not ours (a user's notes or analyses); our earlier outputs go (one the new run does not
@@ -651,8 +658,7 @@ def cmd_evaluate(a) -> int:
     from .io.emitters import read_emitters
     from .metrics import evaluate_tables
 
-    if a.pixel_size is not None and not (math.isfinite(a.pixel_size) and a.pixel_size > 0):
-        raise ConfigError(f"--pixel-size must be a positive number of nm, got {a.pixel_size}")
+    _check_pixel_size(a.pixel_size)
     if not (math.isfinite(a.tolerance_nm) and a.tolerance_nm > 0):
         raise ConfigError(f"--tolerance-nm must be a positive number, got {a.tolerance_nm}")
     if a.frames is not None and a.frames < 1:

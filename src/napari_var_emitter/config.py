@@ -43,8 +43,7 @@ class ModelConfig:
     # ends here" (the cue that decides whether a spot cut by the border has its centre
     # inside); its weights start at zero, so --init can grow a trained model by it. It marks
     # the tile's edge: inner tile cuts of a large frame count as edges too (each tile keeps
-    # only detections away from them), and a frame smaller than a tile, padded, has its
-    # padding marked as frame. Off in the bundled model (session 8 measured no gain)
+    # only detections away from them). Off in the bundled model (session 8 measured no gain)
     frame_mask: bool = False
 
     def validate(self):

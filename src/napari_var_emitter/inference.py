@@ -450,22 +450,21 @@ class Predictor:
                         for m in out.values():
                             m["sigma_x"] = m["sigma_x"] * sigma_scale[0]
                             m["sigma_y"] = m["sigma_y"] * sigma_scale[1]
+                table, tile = decode_maps_table(
+                    out[self.loc_factor], self.loc_factor,
+                    border_candidate_threshold(threshold) if border_fit else threshold)
                 if border_fit:
-                    table, tile = decode_maps_table(out[self.loc_factor], self.loc_factor,
-                                                    border_candidate_threshold(threshold))
                     # weak candidates matter only at the frame border: dropping the others
                     # first keeps them out of the tile-seam merging
                     keep = ((table["prob"] >= threshold)
                             | _near_frame_border(table, tile, where, ys, xs, h, w))
-                    batch = _place_detections(table[keep], tile[keep], where, ys, xs, ybounds,
-                                              xbounds, band, t0, threshold)
+                    table, tile = table[keep], tile[keep]
+                batch = _place_detections(table, tile, where, ys, xs, ybounds, xbounds, band, t0,
+                                          threshold)
+                if border_fit:
                     batch = refit_border_detections(batch, photons[t0 - lo:t1 - lo], camera,
                                                     threshold, frame_offset=t0,
                                                     device=self.device)
-                else:
-                    batch = _place_detections(
-                        *decode_maps_table(out[self.loc_factor], self.loc_factor, threshold),
-                        where, ys, xs, ybounds, xbounds, band, t0)
                 if len(batch):
                     tables.append(batch)
                     n_locs += len(batch)

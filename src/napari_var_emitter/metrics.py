@@ -266,23 +266,14 @@ def crlb_mortensen(photons, background, sigma_nm, pixel_nm, emccd: bool = False)
     return float(out) if out.ndim == 0 else out
 
 
-def _psf_1d(centre: np.ndarray, sigma: np.ndarray, coords: np.ndarray):
-    """Pixel-integrated 1-D Gaussian and its derivative w.r.t. the centre.
-
-    centre, sigma: (n,), coords: (n, K) pixel centres. Returns (E, dE/dcentre), (n, K).
-    """
-    e, de, _ = integrated_gaussian_1d(centre, sigma, coords)
-    return e, de
-
-
 def _fisher_std(photons, background, sigma, x0, y0, xs, ys, mx, my, excess, read_var):
     """Per-axis CRLB std (px) from the exact Fisher matrix over the (masked) pixel window.
 
     All emitter parameters (n,); xs, ys (n, K) pixel centres; mx, my (n, K) masks of
     pixels that exist (inside the image).
     """
-    ex, dex = _psf_1d(x0, sigma, xs)
-    ey, dey = _psf_1d(y0, sigma, ys)
+    ex, dex, _ = integrated_gaussian_1d(x0, sigma, xs)
+    ey, dey, _ = integrated_gaussian_1d(y0, sigma, ys)
     n = photons[:, None, None]
     shape_xy = ey[:, :, None] * ex[:, None, :]  # (n, Ky, Kx) indexed [row=y, col=x]
     mu = n * shape_xy + background[:, None, None]

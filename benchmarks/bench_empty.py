@@ -8,9 +8,10 @@ only, and the figure is false detections per 100 frames::
 
     python benchmarks/bench_empty.py bundled runs/candidate.pth
 
-Rows: flat backgrounds of 5-200 photons/px on the benchmark's sCMOS and EMCCD cameras, a
-smooth background spanning 10-50 photons/px (as the benchmark's movies), and a camera with
-many electrons per ADU whose frames are a few grey levels only. ``bundled`` means
+Rows: flat backgrounds of 5-200 photons/px on the benchmark's sCMOS and EMCCD cameras, smooth
+backgrounds spanning 10-50 photons/px (as the benchmark's movies) and steeper ones (5-50,
+20-200: a 10x rise across the frame), a new random map every :data:`FRAMES_PER_MAP` frames,
+and a camera with many electrons per ADU whose frames are a few grey levels only. ``bundled`` means
 ``Predictor.from_pretrained()``; every checkpoint sees the same frames.
 """
 
@@ -37,20 +38,29 @@ CONDITIONS = (
     ("sCMOS, 50 photons/px", SCMOS, 50.0),
     ("sCMOS, 200 photons/px", SCMOS, 200.0),
     ("sCMOS, smooth 10-50 photons/px", SCMOS, (10.0, 50.0)),
+    ("sCMOS, smooth 5-50 photons/px", SCMOS, (5.0, 50.0)),
+    ("sCMOS, smooth 20-200 photons/px", SCMOS, (20.0, 200.0)),
+    ("EMCCD, smooth 10-100 photons/px", EMCCD, (10.0, 100.0)),
     ("EMCCD, 20 photons/px", EMCCD, 20.0),
     ("EMCCD, 100 photons/px", EMCCD, 100.0),
     ("20 e-/ADU without EM gain, 20 photons/px", COARSE, 20.0),
 )
 
 
+#: smooth backgrounds: frames per random map (one map would test one blob or gradient only)
+FRAMES_PER_MAP = 10
+
+
 def empty_frames(rng, n: int, camera: Camera, background) -> np.ndarray:
-    """``n`` frames (ADU) of background and camera noise only."""
+    """``n`` frames (ADU) of background and camera noise only; ``background``: photons/px or
+    the (min, max) of smooth maps, a new one every :data:`FRAMES_PER_MAP` frames."""
     if np.ndim(background):
-        bg = smooth_background(SHAPE, rng, *background)
+        maps = [smooth_background(SHAPE, rng, *background)
+                for _ in range(0, n, FRAMES_PER_MAP)]
+        expected = np.repeat(np.stack(maps), FRAMES_PER_MAP, axis=0)[:n]
     else:
-        bg = np.full(SHAPE, float(background), np.float32)
-    expected = np.broadcast_to(bg, (n, *SHAPE)).astype(np.float32)
-    return camera.photons_to_adu(expected, rng)
+        expected = np.full((n, *SHAPE), float(background), np.float32)
+    return camera.photons_to_adu(expected.astype(np.float32), rng)
 
 
 def false_detection_rows(predictors: dict, n: int, seed: int) -> list:

@@ -215,6 +215,13 @@ class SimulationConfig:
     # density uniform in its range they are rare, and a model that seldom sees an empty frame
     # reports its brightest noise peaks there (sparse movies have many empty frames)
     empty_fraction: float = 0.0
+    # share of samples whose background spans a ratio between its darkest and brightest pixel
+    # drawn log-uniform in [1, steep_background_ratio] (a broad blob or a gradient over the
+    # whole tile), instead of at most +-70 % around its level: with +-70 % only, a tile whose
+    # background rises 10x (out-of-focus light, an illumination spot) made the model report
+    # 3-4 noise peaks per empty frame on its bright side
+    steep_background_fraction: float = 0.0
+    steep_background_ratio: float = 10.0
 
     def validate(self):
         _positive_pair(self.frame_size, "simulation.frame_size")
@@ -225,11 +232,14 @@ class SimulationConfig:
             _range(getattr(self, name), f"simulation.{name}")
         if self.sigma_px[0] <= 0 or self.e_per_adu[0] <= 0 or self.qe[0] <= 0 or self.qe[1] > 1:
             raise ConfigError("simulation sigma_px, e_per_adu and qe must be positive (qe <= 1)")
-        for name in ("filament_fraction", "emccd_fraction", "edge_fraction", "empty_fraction"):
+        for name in ("filament_fraction", "emccd_fraction", "edge_fraction", "empty_fraction",
+                     "steep_background_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"simulation.{name} must be in [0, 1]")
         if not self.mean_on_frames >= 1:
             raise ConfigError("simulation.mean_on_frames must be >= 1")
+        if not self.steep_background_ratio >= 1:
+            raise ConfigError("simulation.steep_background_ratio must be >= 1")
         if not self.edge_margin_px >= 0:
             raise ConfigError("simulation.edge_margin_px must be >= 0")
         if not 0 < self.edge_band_px <= min(self.frame_size) / 2:

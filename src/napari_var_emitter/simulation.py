@@ -606,7 +606,9 @@ def sample_training_batch(sim: SimulationConfig, batch_size: int, rng,
     sample value uniform in ``sim.sigma_px``, each emitter within +-10% of it (clipped to the
     range); photons: a sub-range of ``sim.photons`` drawn on a log scale, per-frame photons
     log-uniform on it; background: a level log-uniform in ``sim.background``, uniform or (half
-    of the samples) smoothly varying by up to +-70%; camera: EMCCD with probability
+    of the samples) smoothly varying by up to +-70% (a share ``sim.steep_background_fraction``
+    instead spans a ratio up to ``sim.steep_background_ratio`` between its darkest and
+    brightest pixel, around the same mean level); camera: EMCCD with probability
     ``sim.emccd_fraction`` (EM gain log-uniform in ``sim.em_gain``) else no EM gain, QE,
     baseline uniform, e-/ADU and read noise log-uniform in their ranges. e-/ADU is raised where
     needed so the brightest pixel stays below the uint16 ceiling (an experimenter avoids
@@ -650,6 +652,16 @@ def sample_training_batch(sim: SimulationConfig, batch_size: int, rng,
     fields = np.divide(fields, peak, out=np.zeros_like(fields), where=peak > 0)
     bg_maps = (level[:, None, None] * (1.0 + variation[:, None, None] * fields)
                ).astype(np.float32)
+    if sim.steep_background_fraction > 0:  # (drawn only when asked, as empty samples)
+        steep = rng.random(b_n) < sim.steep_background_fraction
+        ratio = np.exp(rng.uniform(0.0, np.log(sim.steep_background_ratio), b_n))
+        low = fields.min(axis=(1, 2), keepdims=True)
+        span = fields.max(axis=(1, 2), keepdims=True) - low
+        unit = np.divide(fields - low, span, out=np.zeros_like(fields), where=span > 0)
+        profile = 1.0 + (ratio[:, None, None] - 1.0) * unit  # darkest pixel 1, brightest ratio
+        profile /= profile.mean(axis=(1, 2), keepdims=True)  # the level stays the mean
+        bg_maps = np.where(steep[:, None, None], level[:, None, None] * profile,
+                           bg_maps).astype(np.float32)
 
     # --- blinking emitters of all samples at once
     mean_on = float(sim.mean_on_frames)

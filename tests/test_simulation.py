@@ -352,6 +352,24 @@ def test_edge_fraction_puts_more_training_emitters_at_the_border():
     assert 0.7 * n_plain < n_edges < n_plain
 
 
+def test_steep_background_fraction_spans_larger_ratios_around_the_same_level():
+    base = dict(frame_size=[40, 40], background=[20.0, 20.0], density_per_um2=[0.0, 0.0])
+    plain = sample_training_batch(SimulationConfig(**base), 64, 3).background
+    steep = sample_training_batch(
+        SimulationConfig(steep_background_fraction=1.0, steep_background_ratio=20.0, **base),
+        64, 3).background
+    ratio = steep.max((1, 2)) / steep.min((1, 2))
+    assert (plain.max((1, 2)) / plain.min((1, 2))).max() <= 1.7 / 0.3 + 1e-4
+    assert ratio.max() > 8.0 and ratio.min() >= 1.0 - 1e-5 and ratio.max() <= 20.0 + 1e-3
+    # log-uniform ratios: gentle and steep ones alike; the level is each map's mean
+    assert np.mean(ratio < np.sqrt(20.0)) == pytest.approx(0.5, abs=0.2)
+    np.testing.assert_allclose(steep.mean((1, 2)), 20.0, rtol=1e-4)
+    with pytest.raises(ConfigError, match="steep_background_ratio"):
+        SimulationConfig(steep_background_ratio=0.5).validate()
+    with pytest.raises(ConfigError, match="steep_background_fraction"):
+        SimulationConfig(steep_background_fraction=1.5).validate()
+
+
 def test_training_batch_is_fast_enough_smoke():
     # correctness of the fast path at high density (speed itself is in benchmarks/)
     sim = SimulationConfig(density_per_um2=[5.0, 5.0], filament_fraction=1.0)

@@ -382,9 +382,10 @@ def test_predict_tta_records_the_mode_and_uses_the_symmetry_average(tmp_path,
     np.testing.assert_allclose(tta_prob, np.asarray(expected), atol=1e-5)
 
 
-def test_predict_no_border_fit_is_recorded_and_reproduces_the_plain_network(tmp_path):
-    """--no-border-fit: predictions.h5 says so, and the table is the network's own decoding
-    (the bundled model on frames with spots cut by the border, where the two differ)."""
+def test_predict_without_the_fits_is_recorded_and_reproduces_the_plain_network(tmp_path):
+    """--no-border-fit --no-pair-fit: predictions.h5 says so, and the table is the network's
+    own decoding (the bundled model on frames with spots cut by the border, where the two
+    differ)."""
     import h5py
 
     from napari_var_emitter.camera import Camera
@@ -396,15 +397,17 @@ def test_predict_no_border_fit_is_recorded_and_reproduces_the_plain_network(tmp_
                            highres_factor=None, camera=Camera())
     tifffile.imwrite(tmp_path / "s.tif", movie.adu, photometric="minisblack")
     common = ["predict", str(tmp_path / "s.tif"), "--device", "cpu", "--no-figures"]
-    assert main([*common, "--output_dir", str(tmp_path / "plain"), "--no-border-fit"]) == 0
+    assert main([*common, "--output_dir", str(tmp_path / "plain"), "--no-border-fit",
+                 "--no-pair-fit"]) == 0
     assert main([*common, "--output_dir", str(tmp_path / "fit")]) == 0
     with h5py.File(tmp_path / "plain" / "s" / "predictions.h5") as f, \
             h5py.File(tmp_path / "fit" / "s" / "predictions.h5") as g:
         assert not f.attrs["border_fit"] and g.attrs["border_fit"]
+        assert not f.attrs["pair_fit"] and g.attrs["pair_fit"]
     plain, _ = read_emitters(str(tmp_path / "plain" / "s" / "localizations.csv"), 100.0)
     fitted, _ = read_emitters(str(tmp_path / "fit" / "s" / "localizations.csv"), 100.0)
     network = Predictor.from_pretrained(device="cpu").predict(
-        movie.adu, maps=False, border_fit=False).localizations
+        movie.adu, maps=False, border_fit=False, pair_fit=False).localizations
     assert len(plain) == len(network)
     np.testing.assert_allclose(np.sort(plain["x"]), np.sort(network["x"]), atol=1e-3)
     assert not np.array_equal(np.sort(plain["x"]), np.sort(fitted["x"]))

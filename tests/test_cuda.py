@@ -114,3 +114,21 @@ def test_spot_fits_on_the_gpu_match_the_cpu():
     assert len(t) > 20
     np.testing.assert_allclose(gpu.x, cpu.x, atol=1e-6)
     np.testing.assert_allclose(gpu.se_photons, cpu.se_photons, rtol=1e-6)
+
+
+def test_pair_splits_on_the_gpu_match_the_cpu():
+    """The pair fit runs on the network's device too: the same detections are split."""
+    from napari_var_emitter.camera import Camera
+    from napari_var_emitter.inference import Predictor
+    from napari_var_emitter.pairsplit import split_merged_pairs
+
+    cam = Camera(baseline=100.0, e_per_adu=0.5, qe=0.9, read_noise=1.5)
+    movie = simulate_movie(60, (40, 40), rng=13, density_per_um2=1.0, sigma_px=(0.8, 0.9),
+                           camera=cam, highres_factor=None)
+    frames = cam.adu_to_photons(movie.adu)
+    table = Predictor.from_pretrained(device="cpu").predict(
+        movie.adu, camera=cam, maps=False, pair_fit=False).localizations
+    cpu = split_merged_pairs(table, frames, cam)
+    gpu = split_merged_pairs(table, frames, cam, device="cuda")
+    assert len(cpu) > len(table) and len(gpu) == len(cpu)
+    np.testing.assert_allclose(gpu["x"], cpu["x"], atol=1e-6)

@@ -363,15 +363,19 @@ def test_bundled_model_finds_the_sparse_emitters(viewer_with_plugin, qtbot):
     assert tta_scores["jaccard"] >= scores["jaccard"] - 0.02, (scores, tta_scores)
 
     # the border refit (on by default) keeps weak spots cut by the border; unticked, every
-    # peak is at the network's threshold again
+    # peak is at the network's threshold again. With the pair fit unticked too, no peak
+    # carries a fitted PSF width (only the two fits report one)
     widget.tta.value = False
     assert widget.border_fit.value and (found_first["prob"] < calibrated).any()
+    assert widget.pair_fit.value and np.isfinite(found_first["sigma"]).any()
     widget.border_fit.value = False
+    widget.pair_fit.value = False
     widget.run()
     _wait(qtbot, widget, timeout=300_000)
     peaks = viewer.layers["VAR sparse emitters peaks"]
     plain = table_from_points(peaks.data, peaks.features)
     assert len(plain) > 0.75 * len(truth) and (plain["prob"] >= calibrated - 1e-6).all()
+    assert np.isnan(plain["sigma"]).all()
 
 
 def test_20000_frame_stack_opens_lazily_and_runs_with_progress_and_cancel(

@@ -113,10 +113,11 @@ def calibrate(predictor, n_frames: int = 60, shape=(40, 40), seed: int = 2026112
         truth = movie.table_in_view()
         for mode in modes:
             # the network's own probabilities and uncertainties are calibrated: no border
-            # refit (its rows would not follow the threshold, and it has its own errors)
+            # refit or pair split (their rows would not follow the threshold, and they have
+            # their own errors)
             res = predictor.predict(movie.adu, camera=cam, maps=False, calibrated=False,
                                     threshold=float(THRESHOLD_GRID[0]), tta=mode,
-                                    border_fit=False)
+                                    border_fit=False, pair_fit=False)
             runs[mode].append((truth, res.localizations))
         if log is not None:
             log(f"calibration scene {i + 1}/{len(scenes)}: {sc}")

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(r, "no-border-fit", action="store_true",
          help="report spots at the frame border as the network places them, without the "
               "maximum-likelihood refit that decides whether their centre is inside the frame")
+    _opt(r, "no-pair-fit", action="store_true",
+         help="report every detection as the network does, without the two-spot fit that "
+              "splits a detection whose light is two close emitters")
     _opt(r, "no-maps", action="store_true", help="skip predictions.h5 (fast path)")
     _opt(r, "no-figures", action="store_true", help="skip the PNG figures")
     _opt(r, "overwrite", action="store_true", help="redo inputs whose outputs are complete")
@@ -442,6 +445,7 @@ def _predict_one(a, predictor, camera, path, stem, interrupts) -> None:
             attrs = {"model_id": predictor.model_id, "config": predictor.config.to_dict(),
                      "threshold": a.threshold or predictor.threshold_for(a.tta),
                      "tta": bool(a.tta), "border_fit": not a.no_border_fit,
+                     "pair_fit": not a.no_pair_fit,
                      "calibration": predictor.calibration,
                      "camera": camera.to_dict(), "pixel_size_nm": float(px),
                      "input": os.path.abspath(path)}
@@ -449,6 +453,7 @@ def _predict_one(a, predictor, camera, path, stem, interrupts) -> None:
                 stack, camera=camera, pixel_size_nm=px, threshold=a.threshold,
                 batch_size=a.batch_size or default_batch_size(predictor.device),
                 maps=not a.no_maps, name=path, tta=a.tta, border_fit=not a.no_border_fit,
+                pair_fit=not a.no_pair_fit,
                 maps_h5=None if a.no_maps else os.path.join(tmp, "predictions.h5"),
                 h5_attrs=attrs, cancel=interrupts.check)
             bar = _progress_bar(len(stack), 0, True)

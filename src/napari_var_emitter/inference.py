@@ -11,7 +11,8 @@ straddle the border; tiles therefore report a band beyond their core too and
 :func:`merge_frame_detections` keeps one detection per emitter (test_inference checks it).
 A frame smaller than a tile along an axis is cut into smaller tiles of whole patches that
 fit in it (or one pixel more, mirrored), so the network sees (almost) only real pixels.
-Detections within a pixel of the frame's own border are refitted by :mod:`.spotfit`.
+Detections within a pixel of the frame's own border are refitted by :mod:`.spotfit`; those
+inside it whose light looks like two emitters are split by :mod:`.pairsplit`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .camera import Camera
 from .checkpoint import build_model_from_checkpoint, load_checkpoint
 from .config import Config
 from .errors import Cancelled, CheckpointError, InputFileError
+from .pairsplit import split_merged_pairs
 from .spotfit import (BORDER_FIT_BAND_PX, border_candidate_threshold, distance_inside,
                       refit_border_detections)
 from .table import LOC_DTYPE, concat_tables, empty_table
@@ -351,7 +353,8 @@ class Predictor:
     def predict_iter(self, stack, camera: Camera | None = None, pixel_size_nm: float = 100.0,
                      threshold: float | None = None, batch_size: int = 32, maps: bool = True,
                      maps_h5=None, name: str = "input", cancel=None, h5_attrs=None,
-                     calibrated: bool = True, tta: bool = False, border_fit: bool = True):
+                     calibrated: bool = True, tta: bool = False, border_fit: bool = True,
+                     pair_fit: bool = True):
         """Localise every frame of ``stack`` (T, H, W) or (H, W) in ADU.
 
         ``threshold``: detection probability (None: the model's calibrated one, else 0.5).
@@ -361,7 +364,9 @@ class Predictor:
         accurate, eight times slower, with its own stored calibration. ``border_fit`` refits
         the detections within a pixel of the frame border by maximum likelihood and lets the
         fit decide whether their centre is inside the frame (:mod:`.spotfit`); such
-        detections are kept from a third of ``threshold`` up.
+        detections are kept from a third of ``threshold`` up. ``pair_fit`` fits two spots
+        where one detection's light looks like two emitters and reports both when the pair
+        describes it much better (:mod:`.pairsplit`).
 
         Yields a :class:`ProgressEvent` after each batch and returns a
         :class:`PredictionResult`. ``maps=True`` computes every scale; with ``maps_h5`` the
@@ -465,6 +470,9 @@ class Predictor:
                     batch = refit_border_detections(batch, photons[t0 - lo:t1 - lo], camera,
                                                     threshold, frame_offset=t0,
                                                     device=self.device)
+                if pair_fit:
+                    batch = split_merged_pairs(batch, photons[t0 - lo:t1 - lo], camera,
+                                               frame_offset=t0, device=self.device)
                 if len(batch):
                     tables.append(batch)
                     n_locs += len(batch)

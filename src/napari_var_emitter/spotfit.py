@@ -130,10 +130,6 @@ def fit_spots(frames, frame_index, x, y, photons, background, camera: Camera | N
     photons in, Poisson noise and ADU rounding). A spot whose start is not finite is not
     fitted (NaN results); the others do not depend on it.
     """
-    camera = camera or Camera()
-    frames = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(np.asarray(frames))
-    dev, f64 = frames.device, torch.float64
-    _, h, w = frames.shape
     start = np.stack([np.asarray(v, float).reshape(-1) for v in (x, y, photons, background)])
     k = start.shape[1]
     finite = np.isfinite(start).all(0)
@@ -143,35 +139,102 @@ def fit_spots(frames, frame_index, x, y, photons, background, camera: Camera | N
     if not finite.any():
         return SpotFits(**result)
     sel = np.flatnonzero(finite)
-    n = len(sel)
-    x0, y0 = (torch.as_tensor(start[i, sel], dtype=f64, device=dev) for i in (0, 1))
-    off = torch.arange(-radius, radius + 1, device=dev)
-    cols = torch.round(x0).long()[:, None] + off
-    rows = torch.round(y0).long()[:, None] + off
-    mask = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-    fi = torch.as_tensor(np.asarray(frame_index, np.int64).reshape(-1)[sel], device=dev)
-    data = frames[fi[:, None, None], rows.clamp(0, h - 1)[:, :, None],
-                  cols.clamp(0, w - 1)[:, None, :]].to(f64)
-    data = torch.where(mask, data, torch.zeros((), dtype=f64, device=dev))
-    cols, rows = cols.to(f64), rows.to(f64)
-    # parameters: x, y, photons, background, sigma
-    p = torch.stack([x0, y0,
+    win = FitWindows.cut(frames, np.asarray(frame_index, np.int64).reshape(-1)[sel],
+                         start[0, sel], start[1, sel], radius)
+    f64, dev = torch.float64, win.data.device
+    p = torch.stack([win.x0, win.y0,
                      torch.as_tensor(start[2, sel], dtype=f64, device=dev).clamp_min(10.0),
                      torch.as_tensor(start[3, sel], dtype=f64, device=dev).clamp_min(0.1),
-                     torch.full((n,), float(sigma), dtype=f64, device=dev)], 1)
+                     torch.full((len(sel),), float(sigma), dtype=f64, device=dev)], 1)
+    fit = fit_windows(win, p, 1, camera or Camera(), iterations)
+    values = torch.cat([fit.params, fit.se[:, [0, 1, 2]], fit.reduced_chi2[:, None]], 1)
+    values = values.cpu().numpy()  # one transfer
+    for j, name in enumerate(("x", "y", "photons", "background", "sigma", "se_x", "se_y",
+                              "se_photons", "reduced_chi2")):
+        result[name][sel] = values[:, j]
+    return SpotFits(**result)
+
+
+@dataclass
+class FitWindows:
+    """The pixels that spots are fitted on: one ``(2 radius + 1)^2`` window per spot, centred
+    on the pixel nearest its start ``(x0, y0)``, with the pixels beyond the frame masked out
+    (float64 tensors on the frames' device)."""
+
+    data: torch.Tensor  # (n, K, K) photons, 0 where masked
+    mask: torch.Tensor  # (n, K, K) bool, True on pixels inside the frame
+    rows: torch.Tensor  # (n, K) pixel-centre y of the window's rows
+    cols: torch.Tensor  # (n, K) pixel-centre x of the window's columns
+    x0: torch.Tensor  # (n,) the starts the windows are centred on
+    y0: torch.Tensor
+    radius: int
+
+    @classmethod
+    def cut(cls, frames, frame_index, x, y, radius: int = FIT_RADIUS_PX) -> "FitWindows":
+        """Windows of ``frames`` (T, H, W) photons, numpy or torch, around ``(x[k], y[k])``
+        in frame ``frame_index[k]`` (all finite)."""
+        frames = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(
+            np.asarray(frames))
+        dev, f64 = frames.device, torch.float64
+        _, h, w = frames.shape
+        x0 = torch.as_tensor(np.asarray(x, float), dtype=f64, device=dev)
+        y0 = torch.as_tensor(np.asarray(y, float), dtype=f64, device=dev)
+        off = torch.arange(-radius, radius + 1, device=dev)
+        cols = torch.round(x0).long()[:, None] + off
+        rows = torch.round(y0).long()[:, None] + off
+        mask = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+        fi = torch.as_tensor(np.asarray(frame_index, np.int64), device=dev)
+        data = frames[fi[:, None, None], rows.clamp(0, h - 1)[:, :, None],
+                      cols.clamp(0, w - 1)[:, None, :]].to(f64)
+        data = torch.where(mask, data, torch.zeros((), dtype=f64, device=dev))
+        return cls(data, mask, rows.to(f64), cols.to(f64), x0, y0, int(radius))
+
+    def select(self, index) -> "FitWindows":
+        """The windows of the spots ``index`` (a torch index or numpy indices)."""
+        index = torch.as_tensor(np.asarray(index), device=self.data.device)
+        return FitWindows(self.data[index], self.mask[index], self.rows[index],
+                          self.cols[index], self.x0[index], self.y0[index], self.radius)
+
+
+@dataclass
+class WindowFits:
+    """Results of :func:`fit_windows` (tensors on the windows' device)."""
+
+    params: torch.Tensor  # (n, 3 m + 2): x, y, photons of each of the m spots, background, sigma
+    se: torch.Tensor  # (n, 3 m + 2) standard errors (inverse Fisher information), NaN if singular
+    cost: torch.Tensor  # (n,) the scaled-Poisson negative log-likelihood (up to a constant)
+    reduced_chi2: torch.Tensor  # (n,)
+
+
+def fit_windows(win: FitWindows, start: torch.Tensor, n_spots: int, camera: Camera,
+                iterations: int = FIT_ITERATIONS, reach: float | None = None) -> WindowFits:
+    """Fit ``n_spots`` Gaussian spots with a common background and PSF sigma in each window.
+
+    ``start``: (n, 3 n_spots + 2) float64 starting parameters, laid out as
+    :attr:`WindowFits.params`. The spots' centres are kept within ``reach`` (default
+    ``radius / 2``) of the window's centre: a fit that wanders off its window is
+    meaningless. Costs of fits of different ``n_spots`` on the same windows compare (a
+    likelihood-ratio test).
+    """
+    n, dev, f64 = start.shape[0], start.device, torch.float64
+    n_par = 3 * n_spots + 2
+    data, mask, rows, cols = win.data, win.mask, win.rows, win.cols
 
     def expected(p):
-        ex, ex_c, ex_s = integrated_gaussian_1d(p[:, 0], p[:, 4], cols)
-        ey, ey_c, ey_s = integrated_gaussian_1d(p[:, 1], p[:, 4], rows)
-        amp = p[:, 2, None, None]
-        psf = ey[:, :, None] * ex[:, None, :]
-        mu = p[:, 3, None, None] + amp * psf
-        jac = torch.stack([amp * ey[:, :, None] * ex_c[:, None, :],
-                           amp * ey_c[:, :, None] * ex[:, None, :],
-                           psf, torch.ones_like(psf),
-                           amp * (ey_s[:, :, None] * ex[:, None, :]
-                                  + ey[:, :, None] * ex_s[:, None, :])], -1)
-        return mu, jac
+        s = p[:, -1]
+        mu = p[:, -2, None, None].expand(-1, rows.shape[1], cols.shape[1])
+        columns, d_sigma = [], 0.0
+        for i in range(n_spots):
+            ex, ex_c, ex_s = integrated_gaussian_1d(p[:, 3 * i], s, cols)
+            ey, ey_c, ey_s = integrated_gaussian_1d(p[:, 3 * i + 1], s, rows)
+            amp = p[:, 3 * i + 2, None, None]
+            psf = ey[:, :, None] * ex[:, None, :]
+            mu = mu + amp * psf
+            columns += [amp * ey[:, :, None] * ex_c[:, None, :],
+                        amp * ey_c[:, :, None] * ex[:, None, :], psf]
+            d_sigma = d_sigma + amp * (ey_s[:, :, None] * ex[:, None, :]
+                                       + ey[:, :, None] * ex_s[:, None, :])
+        return mu, torch.stack(columns + [torch.ones_like(mu), d_sigma], -1)
 
     # the noise as a scaled Poisson variable: with var = a mu + c, Y = (d + c/a) / a has
     # mean = variance = (mu + c/a) / a, and its Poisson likelihood (consistent with the
@@ -185,19 +248,22 @@ def fit_spots(frames, frame_index, x, y, photons, background, camera: Camera | N
         return torch.where(mask, lam - scaled * torch.log(lam), 0.0).sum((1, 2))
 
     def information(mu, jac):
-        """Fisher information (n, 5, 5), the weights and the flattened Jacobian."""
+        """Fisher information (n, P, P), the weights and the flattened Jacobian."""
         weight = torch.where(mask, 1.0 / pixel_variance(mu, camera), 0.0).reshape(n, -1)
-        flat = jac.reshape(n, -1, 5)
+        flat = jac.reshape(n, -1, n_par)
         return (flat.transpose(1, 2) * weight[:, None, :]) @ flat, weight, flat
 
-    lower = torch.tensor([-math.inf, -math.inf, 1.0, 0.01, SIGMA_LIMITS_PX[0]], dtype=f64,
+    inf = math.inf
+    lower = torch.tensor([-inf, -inf, 1.0] * n_spots + [0.01, SIGMA_LIMITS_PX[0]], dtype=f64,
                          device=dev)
-    upper = torch.tensor([math.inf, math.inf, math.inf, math.inf, SIGMA_LIMITS_PX[1]],
-                         dtype=f64, device=dev)
+    upper = torch.tensor([inf, inf, inf] * n_spots + [inf, SIGMA_LIMITS_PX[1]], dtype=f64,
+                         device=dev)
+    reach = win.radius / 2 if reach is None else float(reach)
+    p = start.clone()
     mu, jac = expected(p)
     cost = objective(mu)
     damping = torch.full((n,), 1e-2, dtype=f64, device=dev)
-    eye = torch.eye(5, dtype=f64, device=dev)
+    eye = torch.eye(n_par, dtype=f64, device=dev)
     stalled = 0
     for _ in range(iterations):
         fisher, weight, flat = information(mu, jac)
@@ -206,16 +272,17 @@ def fit_spots(frames, frame_index, x, y, photons, background, camera: Camera | N
         lhs = fisher + damping[:, None, None] * eye * diag[:, :, None]
         step = torch.linalg.solve_ex(lhs, grad[..., None])[0][..., 0]  # no raise: NaN stays put
         trial = torch.maximum(torch.minimum(p + step, upper), lower)
-        # the window is centred on the start: a fit that wanders off it is meaningless
-        trial[:, 0] = torch.maximum(torch.minimum(trial[:, 0], x0 + radius / 2), x0 - radius / 2)
-        trial[:, 1] = torch.maximum(torch.minimum(trial[:, 1], y0 + radius / 2), y0 - radius / 2)
+        for i in range(n_spots):
+            trial[:, 3 * i] = torch.clamp(trial[:, 3 * i], win.x0 - reach, win.x0 + reach)
+            trial[:, 3 * i + 1] = torch.clamp(trial[:, 3 * i + 1], win.y0 - reach,
+                                              win.y0 + reach)
         mu_t, jac_t = expected(trial)
         cost_t = objective(mu_t)
         better = cost_t < cost
         p = torch.where(better[:, None], trial, p)
         mu = torch.where(better[:, None, None], mu_t, mu)
         jac = torch.where(better[:, None, None, None], jac_t, jac)
-        gain = float(torch.where(better, cost - cost_t, 0.0).max())
+        gain = float(torch.where(better, cost - cost_t, 0.0).max()) if n else 0.0
         cost = torch.where(better, cost_t, cost)
         damping = torch.where(better, damping * 0.3, damping * 10.0)
         # converged: two rounds in a row in which no spot's likelihood moved
@@ -229,12 +296,7 @@ def fit_spots(frames, frame_index, x, y, photons, background, camera: Camera | N
     se = torch.where(ok[:, None], se, torch.full_like(se, math.nan))
     n_pix = mask.sum((1, 2))
     chi2 = ((data - mu).reshape(n, -1) ** 2 * weight).sum(1)
-    values = torch.cat([p, se[:, [0, 1, 2]], (chi2 / (n_pix - 5).clamp_min(1))[:, None]], 1)
-    values = values.cpu().numpy()  # one transfer
-    for j, name in enumerate(("x", "y", "photons", "background", "sigma", "se_x", "se_y",
-                              "se_photons", "reduced_chi2")):
-        result[name][sel] = values[:, j]
-    return SpotFits(**result)
+    return WindowFits(p, se, cost, chi2 / (n_pix - n_par).clamp_min(1))
 
 
 def distance_inside(x, y, shape) -> np.ndarray:

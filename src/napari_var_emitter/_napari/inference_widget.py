@@ -129,6 +129,9 @@ class InferenceWidget(QWidget):
         self.border_fit = CheckBox(text="refit spots at the frame border", value=True,
                                    tooltip="a maximum-likelihood fit decides whether a spot "
                                            "cut by the frame border has its centre inside")
+        self.pair_fit = CheckBox(text="split merged pairs (two-spot fit)", value=True,
+                                 tooltip="a detection whose light two close emitters "
+                                         "describe much better is reported as both")
         self.show_maps = CheckBox(text="probability maps", value=True)
         self.show_peaks = CheckBox(text="peaks (Points)", value=True)
         self.show_uncertainty = CheckBox(text="uncertainty maps", value=True)
@@ -148,7 +151,7 @@ class InferenceWidget(QWidget):
             self.image, self.model_source, self.checkpoint, self.finetuned_label, self.device,
             self.pixel_size, self.baseline, self.e_per_adu, self.em_gain, self.qe,
             self.model_threshold, self.threshold, self.batch_size, self.tta, self.border_fit,
-            self.show_maps,
+            self.pair_fit, self.show_maps,
             self.show_peaks,
             self.show_uncertainty, self.show_super_resolution, self.render_px,
             Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
@@ -280,7 +283,8 @@ class InferenceWidget(QWidget):
                                          else float(self.threshold.value)),
                               batch_size=int(self.batch_size.value), maps=want_maps,
                               maps_h5=maps_h5, name=layer.name, tta=bool(self.tta.value),
-                              border_fit=bool(self.border_fit.value))
+                              border_fit=bool(self.border_fit.value),
+                              pair_fit=bool(self.pair_fit.value))
         render = None
         if outputs["super_resolution"]:
             render = _SuperResolution(geometry.frame_shape, geometry.pixel_size_nm,

@@ -88,26 +88,26 @@ def model_only(batches, repeats: int) -> list[dict]:
 
 def predict_in_process(adu: np.ndarray, batches) -> list[dict]:
     """Frames/s of Predictor.predict(maps=False) on the whole movie at each batch size, with
-    and without the border refit (which runs on the GPU too)."""
+    and without the border refit and the pair split (they run on the GPU too)."""
     from napari_var_emitter.inference import Predictor
 
     pred = Predictor.from_pretrained(device=DEVICE)
     cam = rb.SCMOS
     rows = []
     for b in batches:
-        for border_fit in (True, False):
-            pred.predict(adu[:max(b, 256)], camera=cam, maps=False, batch_size=b,
-                         border_fit=border_fit)  # warm-up
+        for fits in (True, False):
+            options = dict(camera=cam, maps=False, batch_size=b, border_fit=fits, pair_fit=fits)
+            pred.predict(adu[:max(b, 256)], **options)  # warm-up
             _sync()
             _reset_peak()
             t0 = time.perf_counter()
-            res = pred.predict(adu, camera=cam, maps=False, batch_size=b, border_fit=border_fit)
+            res = pred.predict(adu, **options)
             _sync()
             dt = time.perf_counter() - t0
-            rows.append({"batch": b, "border_fit": border_fit, "frames": len(adu),
+            rows.append({"batch": b, "fits": fits, "frames": len(adu),
                          "fps": len(adu) / dt, "locs": len(res.localizations),
                          "gpu_peak_mb": _peak_mb()})
-            print(f"predict batch {b}, border refit {'on' if border_fit else 'off'}: "
+            print(f"predict batch {b}, border refit and pair fit {'on' if fits else 'off'}: "
                   f"{len(adu) / dt:,.0f} frames/s ({len(res.localizations)} localisations)",
                   flush=True)
     return rows
@@ -196,9 +196,10 @@ def report(res: dict) -> str:
              "| model only | batch | frames/s | GPU peak MB |", "|---|---|---|---|"]
     lines += [f"| {r['precision']} | {r['batch']} | {r['fps']:,.0f} | {r['gpu_peak_mb']:,.0f} |"
               for r in res["model_only"]]
-    lines += ["", "| Predictor.predict, maps off | batch | border refit | frames | frames/s | "
-              "GPU peak MB |", "|---|---|---|---|---|---|"]
-    lines += [f"| in one process | {r['batch']} | {'on' if r.get('border_fit', True) else 'off'} "
+    lines += ["", "| Predictor.predict, maps off | batch | border refit, pair fit | frames | "
+              "frames/s | GPU peak MB |", "|---|---|---|---|---|---|"]
+    lines += [f"| in one process | {r['batch']} "
+              f"| {'on' if r.get('fits', r.get('border_fit', True)) else 'off'} "
               f"| {r['frames']} | {r['fps']:,.0f} | {r['gpu_peak_mb']:,.0f} |"
               for r in res["predict"]]
     lines += ["", "| `predict --no-maps --no-figures` | batch | frames | wall s | frames/s | "

@@ -10,7 +10,8 @@ density::
 
 ``bundled`` means ``Predictor.from_pretrained()``. Every checkpoint sees the same movies.
 ``--tta`` adds a row per checkpoint with symmetry averaging (``predict --tta``);
-``--no-border-fit-too`` one without the border refit (``predict --no-border-fit``).
+``--no-border-fit-too`` one without the border refit (``predict --no-border-fit``),
+``--no-pair-fit-too`` one without the pair split (``predict --no-pair-fit``).
 ``--photons``, ``--background``, ``--sigma`` and ``--camera`` fix what is otherwise drawn per
 movie, e.g. the benchmark's sparse scenario as many independent movies::
 
@@ -73,6 +74,8 @@ def main(argv=None):
                     help="emitters up to this many px outside the frame (0: inside only)")
     ap.add_argument("--no-border-fit-too", action="store_true",
                     help="also a row per checkpoint without the border refit")
+    ap.add_argument("--no-pair-fit-too", action="store_true",
+                    help="also a row per checkpoint without the pair split")
     ap.add_argument("--tta", action="store_true",
                     help="also score each checkpoint with symmetry averaging (row 'NAME +tta')")
     a = ap.parse_args(argv)
@@ -83,6 +86,8 @@ def main(argv=None):
         predictors += [(c, p, {})]
         if a.no_border_fit_too:
             predictors.append((c + " -border fit", p, {"border_fit": False}))
+        if a.no_pair_fit_too:
+            predictors.append((c + " -pair fit", p, {"pair_fit": False}))
         if a.tta:
             predictors.append((c + " +tta", p, {"tta": True}))
     print("| density | checkpoint | Jaccard | recall | precision | RMSE nm | efficiency "

@@ -222,15 +222,16 @@ def test_compare_models_scores_every_checkpoint_on_the_same_movies(capsys, untra
         assert scores[0] == scores[1]
 
 
-def test_compare_models_adds_a_row_without_the_border_fit(capsys, untrained_checkpoint):
+def test_compare_models_adds_rows_without_the_border_fit_and_the_pair_fit(
+        capsys, untrained_checkpoint):
     import compare_models
 
     ckpt = str(untrained_checkpoint)
     compare_models.main([ckpt, "--densities", "1", "--movies", "1", "--frames", "2",
-                         "--no-border-fit-too"])
+                         "--no-border-fit-too", "--no-pair-fit-too"])
     names = [line.split("|")[2].strip() for line in capsys.readouterr().out.splitlines()
              if line.startswith("| 1 |")]
-    assert names == [ckpt, ckpt + " -border fit"]
+    assert names == [ckpt, ckpt + " -border fit", ckpt + " -pair fit"]
 
 
 def test_compare_models_margin_zero_draws_emitters_only_inside_the_frame():

@@ -156,6 +156,10 @@ def test_predict_writes_every_output_of_the_contract(pipeline):
     meta = yaml.safe_load((out / "localizations.yaml").read_text())
     assert (meta["Width"], meta["Height"], meta["Frames"], meta["Pixelsize"]) == (130, 96, 10,
                                                                                   100.0)
+    # how they were made, for whoever opens them in Picasso later
+    assert meta["Detection threshold"] == 0.5 and meta["Model"]
+    assert (meta["Symmetry averaging"], meta["Border refit"], meta["Pair fit"]) == (False, True,
+                                                                                    True)
 
     with h5py.File(out / "predictions.h5", "r") as fh:
         assert sorted(fh["maps"]) == ["x2", "x4", "x8"]

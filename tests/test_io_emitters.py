@@ -329,12 +329,34 @@ def test_picasso_file_from_picasso(tmp_path):
     assert meta2["pixel_size_nm"] is None
 
 
+def test_rows_without_a_fitted_psf_width_get_a_finite_one_in_picasso_files(tmp_path):
+    """Picasso drops every row holding a NaN when it loads a file: the network's rows, which
+    have no fitted PSF width, must not vanish there."""
+    t = make_table(frame=[0, 1, 2, 3], x=[3.0, 4.0, 5.0, 6.0], y=[1.0, 2.0, 3.0, 4.0],
+                   photons=1000.0, sigma=[np.nan, 1.2, np.nan, 1.4], background=20.0,
+                   prob=0.9, unc_x=0.1, unc_y=0.1)
+    p = tmp_path / "locs.hdf5"
+    write_picasso_hdf5(p, t, 100.0, 40, 20, 4)
+    with h5py.File(p, "r") as fh:
+        locs = fh["locs"][()]
+    np.testing.assert_allclose(locs["sx"], [1.3, 1.2, 1.3, 1.4], rtol=1e-6)
+    assert all(np.isfinite(locs[name]).all() for name in locs.dtype.names)
+    write_picasso_hdf5(p, make_table(frame=[0], x=[1.0], y=[1.0], photons=9.0, background=1.0,
+                                     unc_x=0.1, unc_y=0.1), 100.0, 40, 20, 1)
+    with h5py.File(p, "r") as fh:
+        assert fh["locs"]["sx"][0] == 0.0  # no fitted width anywhere
+
+
 def test_picasso_load_locs_opens_our_file(tmp_path, table):
     picasso_io = pytest.importorskip("picasso.io", reason="picasso (picassosr) not installed")
     p = tmp_path / "locs.hdf5"
+    table = table.copy()
+    table["sigma"][1] = np.nan  # a network row: no fitted width
     write_picasso_hdf5(p, table, 100.0, 40, 20, 9)
     locs, info = picasso_io.load_locs(str(p))
-    assert len(locs) == len(table) and info[0]["Width"] == 40
+    # Picasso keeps the rows it deems sane: finite everywhere and x, y >= 0 (the fixture's
+    # row 2 is at x = -0.5 and has no background or uncertainty)
+    assert len(locs) == len(table) - 1 and info[0]["Width"] == 40
 
 
 # ------------------------------------------------------------------------------------------

@@ -63,7 +63,9 @@ class PredictionResult:
     """Localisations (``table.LOC_DTYPE``, input pixels) and, when asked, the maps:
     ``maps[f][name]`` array-like of shape (T, f*H, f*W) for name in :data:`MAP_NAMES`;
     ``threshold`` is the detection threshold the localisations were decoded with (rows the
-    border refit kept, :mod:`.spotfit`, may have a probability down to a third of it)."""
+    border refit kept, :mod:`.spotfit`, may have a probability down to a third of it);
+    ``settings`` how they were made (model id, threshold, ``tta``, ``border_fit``,
+    ``pair_fit``), written into the Picasso yaml."""
 
     localizations: np.ndarray
     shape: tuple
@@ -73,6 +75,7 @@ class PredictionResult:
     maps: dict = field(default_factory=dict)
     camera: Camera = field(default_factory=Camera)
     threshold: float = 0.5
+    settings: dict = field(default_factory=dict)
 
 
 #: detection threshold of a model without a calibrated one
@@ -501,7 +504,11 @@ class Predictor:
         return PredictionResult(localizations=locs, shape=(t_total, h, w),
                                 pixel_size_nm=float(pixel_size_nm), factors=factors,
                                 loc_factor=self.loc_factor, maps=result_maps, camera=camera,
-                                threshold=float(threshold))
+                                threshold=float(threshold),
+                                settings={"model_id": self.model_id,
+                                          "threshold": float(threshold), "tta": bool(tta),
+                                          "border_fit": bool(border_fit),
+                                          "pair_fit": bool(pair_fit)})
 
 
 def _blank_constant_tiles(out: dict, centre: torch.Tensor) -> None:

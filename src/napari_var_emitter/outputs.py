@@ -146,15 +146,19 @@ def is_predict_output(name: str) -> bool:
 
 
 def write_tables(out_dir, result, stem="localizations") -> list[str]:
-    """Write ``localizations.csv`` (ThunderSTORM) and Picasso ``localizations.hdf5`` + yaml."""
+    """Write ``localizations.csv`` (ThunderSTORM) and Picasso ``localizations.hdf5`` + yaml
+    (with the result's settings: model, threshold, symmetry averaging, border and pair fits)."""
     from .io.emitters import write_picasso_hdf5, write_thunderstorm_csv
 
     t, h, w = result.shape
     csv = os.path.join(out_dir, stem + ".csv")
     hdf = os.path.join(out_dir, stem + ".hdf5")
     write_thunderstorm_csv(csv, result.localizations, result.pixel_size_nm)
+    settings = getattr(result, "settings", None) or {}
+    names = {"model_id": "Model", "threshold": "Detection threshold",
+             "tta": "Symmetry averaging", "border_fit": "Border refit", "pair_fit": "Pair fit"}
     write_picasso_hdf5(hdf, result.localizations, result.pixel_size_nm, width=w, height=h,
-                       n_frames=t)
+                       n_frames=t, extra_info={names.get(k, k): v for k, v in settings.items()})
     return [csv, hdf, os.path.splitext(hdf)[0] + ".yaml"]
 
 

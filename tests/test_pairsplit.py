@@ -31,10 +31,18 @@ def _detections(rows):
     return t
 
 
-def _assert_unchanged(out, table):
+def _assert_unchanged(out, table, sigma=None):
+    """Nothing split or moved; ``sigma``: the true PSF width the screen must have filled in,
+    "filled" (any plausible width), or None (left as it was)."""
     assert out.dtype == table.dtype and len(out) == len(table)
     for name in table.dtype.names:  # field by field: NaN (no PSF width) equals NaN
-        np.testing.assert_array_equal(out[name], table[name])
+        if name != "sigma" or sigma is None:
+            np.testing.assert_array_equal(out[name], table[name])
+    if sigma == "filled":
+        assert np.all((out["sigma"] > 0.65) & (out["sigma"] < 2.4))
+    elif sigma is not None:
+        np.testing.assert_allclose(out["sigma"], sigma, rtol=0.3)
+        assert abs(np.median(out["sigma"]) / sigma - 1) < 0.05
 
 
 def test_a_blended_pair_is_split_into_both_emitters():
@@ -84,7 +92,7 @@ def test_single_emitters_are_never_split():
     frames, _ = _frames(rng, [(f, x[f], y[f], photons[f]) for f in range(n)], n, sigma=1.2)
     table = _detections([(f, x[f] + 0.1, y[f] - 0.1, photons[f]) for f in range(n)])
     out = split_merged_pairs(table, frames, SCMOS)
-    _assert_unchanged(out, table)
+    _assert_unchanged(out, table, sigma=1.2)  # the network gives no PSF width: the screen's
 
 
 def test_a_second_spot_on_another_detection_is_that_neighbour_not_a_pair():
@@ -97,7 +105,8 @@ def test_a_second_spot_on_another_detection_is_that_neighbour_not_a_pair():
     both = _detections([(f, 20.0, 20.05, 3000.0) for f in range(n)]
                        + [(f, 21.8, 19.95, 3000.0) for f in range(n)])
     both = both[np.lexsort((both["x"], both["y"], both["frame"]))]
-    _assert_unchanged(split_merged_pairs(both, frames, SCMOS), both)
+    out = split_merged_pairs(both, frames, SCMOS)
+    _assert_unchanged(out, both, sigma="filled")  # (each other's light widens those fits)
 
 
 def test_detections_at_the_frame_border_are_left_to_the_border_refit():

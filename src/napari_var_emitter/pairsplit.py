@@ -27,7 +27,9 @@ The rule (:func:`split_merged_pairs`)
 
     Both spots keep the detection's probability; their positions, photons, background and
     PSF width are the fit's; their uncertainties the fit's standard errors, floored at the
-    network's uncertainty of the blended detection.
+    network's uncertainty of the blended detection. Every other detection the screen fitted
+    gets the screen's PSF width in ``sigma`` (the network does not estimate it), if it has
+    none yet; nothing else of it changes.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def split_merged_pairs(table, frames, camera: Camera | None = None, frame_offset
 
     ``table``: detections in frame coordinates; ``frames``: the batch's frames in photons,
     where table frame ``f`` is ``frames[f - frame_offset]``. Returns the table with each
-    split detection replaced by its two spots, ordered by frame, then y, then x.
+    split detection replaced by its two spots, ordered by frame, then y, then x, and the
+    screened detections' PSF width filled in.
     ``device``: where to fit (default the CPU).
     """
     camera = camera or Camera()
@@ -92,6 +95,12 @@ def split_merged_pairs(table, frames, camera: Camera | None = None, frame_offset
     rows = table[interior]
     frame_index = rows["frame"].astype(np.int64) - frame_offset
     single = _fit_single(frames, frame_index, rows, camera)
+    # the screen's PSF width is a fair estimate (median within 1-2 % of the truth at sigma
+    # 0.8-1.5 px, 5 % low at 2 px): rows without a fitted width get it
+    table = table.copy()
+    width = single.params[:, 4].cpu().numpy()
+    fill = np.isnan(rows["sigma"]) & np.isfinite(width)
+    table["sigma"][interior[fill]] = width[fill]
     suspects = torch.nonzero(single.reduced_chi2 > SUSPECT_REDUCED_CHI2)[:, 0]  # NaN: False
     if not len(suspects):
         return table

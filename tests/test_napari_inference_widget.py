@@ -168,6 +168,10 @@ def test_inference_run_makes_aligned_layers_and_replaces_them(viewer_with_plugin
 
     table, _ = read_emitters(csv[0], pixel_size_nm=100.0)
     assert len(table) == n
+    import yaml
+
+    info = yaml.safe_load(open(hdf[1]).read())  # the Picasso yaml says how they were made
+    assert info["Border refit"] is True and info["Symmetry averaging"] is False
     import h5py
 
     with h5py.File(h5[0], "r") as fh:

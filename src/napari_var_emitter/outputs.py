@@ -145,6 +145,13 @@ def is_predict_output(name: str) -> bool:
         and name[len("probability_x"):-len(".png")].isdigit())
 
 
+def picasso_settings(result) -> dict:
+    """How a prediction was made, as entries of the Picasso yaml."""
+    names = {"model_id": "Model", "threshold": "Detection threshold",
+             "tta": "Symmetry averaging", "border_fit": "Border refit", "pair_fit": "Pair fit"}
+    return {names.get(k, k): v for k, v in (getattr(result, "settings", None) or {}).items()}
+
+
 def write_tables(out_dir, result, stem="localizations") -> list[str]:
     """Write ``localizations.csv`` (ThunderSTORM) and Picasso ``localizations.hdf5`` + yaml
     (with the result's settings: model, threshold, symmetry averaging, border and pair fits)."""
@@ -154,11 +161,8 @@ def write_tables(out_dir, result, stem="localizations") -> list[str]:
     csv = os.path.join(out_dir, stem + ".csv")
     hdf = os.path.join(out_dir, stem + ".hdf5")
     write_thunderstorm_csv(csv, result.localizations, result.pixel_size_nm)
-    settings = getattr(result, "settings", None) or {}
-    names = {"model_id": "Model", "threshold": "Detection threshold",
-             "tta": "Symmetry averaging", "border_fit": "Border refit", "pair_fit": "Pair fit"}
     write_picasso_hdf5(hdf, result.localizations, result.pixel_size_nm, width=w, height=h,
-                       n_frames=t, extra_info={names.get(k, k): v for k, v in settings.items()})
+                       n_frames=t, extra_info=picasso_settings(result))
     return [csv, hdf, os.path.splitext(hdf)[0] + ".yaml"]
 
 

@@ -430,6 +430,7 @@ class InferenceWidget(QWidget):
         """Export the last run: ``kind`` "csv" (ThunderSTORM), "hdf5" (Picasso + yaml) or
         "h5" (a copy of predictions.h5). Returns the written paths."""
         from ..io.emitters import write_picasso_hdf5, write_thunderstorm_csv
+        from ..outputs import picasso_settings
 
         run = self.last_run
         if run is None:
@@ -442,7 +443,7 @@ class InferenceWidget(QWidget):
             return [path]
         if kind == "hdf5":
             write_picasso_hdf5(path, result.localizations, result.pixel_size_nm, width=w,
-                               height=h, n_frames=t)
+                               height=h, n_frames=t, extra_info=picasso_settings(result))
             return [path, os.path.splitext(path)[0] + ".yaml"]
         if kind == "h5":
             if run.maps_h5 is None or not os.path.exists(run.maps_h5):

@@ -47,7 +47,7 @@ from .table import concat_tables
 INTERIOR_PX = 1.0
 #: a single-spot fit with a larger reduced chi-square is a suspect (a wide fitted PSF is not
 #: a sign: no benchmark scene split a detection that only that flagged)
-SUSPECT_REDUCED_CHI2 = 1.5
+SUSPECT_REDUCED_CHI2 = 2.0
 #: the pair must lower the negative log-likelihood by more than this
 MIN_LIKELIHOOD_GAIN = 10.0
 #: both spots' position standard errors must be below this (px)
@@ -112,7 +112,7 @@ def split_merged_pairs(table, frames, camera: Camera | None = None, frame_offset
     # be recognised as that neighbour. Most suspects in crowded frames are such cases, and a
     # few iterations show it: only the others are fitted to the end
     pair = fit_windows(win, _pair_start(win, p1), 2, camera, PAIR_SCREEN_ITERATIONS,
-                       reach=win.radius)
+                       reach=win.radius, errors=False)
     alone = np.flatnonzero(~_near_other_detection(table, which, pair.params.cpu().numpy(),
                                                   SCREEN_NEIGHBOUR_PX))
     if not len(alone):
@@ -120,7 +120,7 @@ def split_merged_pairs(table, frames, camera: Camera | None = None, frame_offset
     win, p1, which = win.select(alone), p1[alone], which[alone]
     pair = fit_windows(win, pair.params[alone], 2, camera, PAIR_ITERATIONS, reach=win.radius)
     # the single fit's cost on the same (recentred) windows, for a fair comparison
-    single_here = fit_windows(win, p1.clone(), 1, camera, 0)
+    single_here = fit_windows(win, p1.clone(), 1, camera, 0, errors=False)
     ok = _accepted(pair, single_here.cost - pair.cost).cpu().numpy()
     values, errors = pair.params.cpu().numpy(), pair.se.cpu().numpy()
     ok &= ~_near_other_detection(table, which, values, NEIGHBOUR_PX)
@@ -153,7 +153,7 @@ def _fit_single(frames, frame_index, rows, camera):
                          torch.as_tensor(rows["background"].astype(float), dtype=f64,
                                          device=dev).nan_to_num(10.0).clamp_min(0.1),
                          torch.full((len(rows),), START_SIGMA_PX, dtype=f64, device=dev)], 1)
-    return fit_windows(win, start, 1, camera, SINGLE_ITERATIONS)
+    return fit_windows(win, start, 1, camera, SINGLE_ITERATIONS, errors=False)
 
 
 def _pair_start(win: FitWindows, single: torch.Tensor) -> torch.Tensor:
@@ -192,13 +192,15 @@ def _near_other_detection(table, which, params, radius: float) -> np.ndarray:
     """Whether either spot of each pair (``params`` rows, fitted for detections ``which``)
     lies within ``radius`` px of another detection of the same frame."""
     near = np.zeros(len(which), bool)
-    if not len(which):
+    if not len(which) or len(table) < 2:
         return near
     # frames far apart along a third axis: only same-frame neighbours are near
     frame = table["frame"].astype(np.float64) * FRAME_SPACING
     tree = cKDTree(np.nan_to_num(np.stack([table["x"], table["y"], frame], 1), nan=-1e9))
     for spot in (0, 1):
         pts = np.stack([params[:, 3 * spot], params[:, 3 * spot + 1], frame[which]], 1)
-        for k, found in enumerate(tree.query_ball_point(pts, radius)):
-            near[k] |= any(j != which[k] for j in found)
+        # the two nearest detections: the split one itself may be the nearest
+        dist, idx = tree.query(np.nan_to_num(pts, nan=1e12), k=2)
+        other = np.where(idx[:, 0] == which, dist[:, 1], dist[:, 0])
+        near |= other < radius
     return near

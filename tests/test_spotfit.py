@@ -165,10 +165,10 @@ def test_bundled_model_finds_spots_on_the_border_pixels_and_rejects_spots_outsid
 
     predictor = Predictor.from_pretrained(device="cpu")
     rng = np.random.default_rng(8)
-    adu, truth = _edge_movie(rng, 60, 0.5, 1000.0)
+    adu, truth = _edge_movie(rng, 80, 0.5, 500.0)  # dim: v0.7 alone finds 0.70 of them
     with_fit = predictor.predict(adu, camera=SCMOS, maps=False).localizations
     without = predictor.predict(adu, camera=SCMOS, maps=False, border_fit=False).localizations
-    assert _found(with_fit, truth) >= 0.9
+    assert _found(with_fit, truth) >= 0.8
     assert _found(with_fit, truth) >= _found(without, truth) + 0.1
     # and placed where they are, half a pixel inside
     depth = distance_inside(with_fit["x"], with_fit["y"], SHAPE)

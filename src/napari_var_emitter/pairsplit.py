@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 
 from .camera import Camera
 from .spotfit import (MIN_PHOTON_SIGNIFICANCE, SIGMA_BOUNDS_PX, START_SIGMA_PX,
@@ -65,8 +64,8 @@ SCREEN_RADIUS_PX = 2
 PAIR_SCREEN_ITERATIONS = 3
 SCREEN_NEIGHBOUR_PX = 1.5
 PAIR_ITERATIONS = 8
-#: distance between frames in the neighbour search (px; far beyond any frame's size)
-FRAME_SPACING = 1e6
+#: spot-detection pairs compared at once in the neighbour test (bounds its memory)
+CHUNK_ELEMENTS = 2_000_000
 #: the two spots start this far (px) either side of the single-spot fit
 START_HALF_SEPARATION_PX = 0.6
 #: starting PSF sigma of the pair (px), at most
@@ -192,15 +191,16 @@ def _near_other_detection(table, which, params, radius: float) -> np.ndarray:
     """Whether either spot of each pair (``params`` rows, fitted for detections ``which``)
     lies within ``radius`` px of another detection of the same frame."""
     near = np.zeros(len(which), bool)
-    if not len(which) or len(table) < 2:
-        return near
-    # frames far apart along a third axis: only same-frame neighbours are near
-    frame = table["frame"].astype(np.float64) * FRAME_SPACING
-    tree = cKDTree(np.nan_to_num(np.stack([table["x"], table["y"], frame], 1), nan=-1e9))
-    for spot in (0, 1):
-        pts = np.stack([params[:, 3 * spot], params[:, 3 * spot + 1], frame[which]], 1)
-        # the two nearest detections: the split one itself may be the nearest
-        dist, idx = tree.query(np.nan_to_num(pts, nan=1e12), k=2)
-        other = np.where(idx[:, 0] == which, dist[:, 1], dist[:, 0])
-        near |= other < radius
+    # all pairs of spots and detections, in chunks of bounded size (a batch holds at most a
+    # few thousand detections; a k-d tree would cost more to import than this to run)
+    step = max(1, CHUNK_ELEMENTS // max(len(table), 1))
+    frame, x, y = table["frame"], table["x"], table["y"]
+    for lo in range(0, len(which), step):
+        rows = which[lo:lo + step]
+        other = (frame[None, :] == frame[rows, None]) & (np.arange(len(table)) != rows[:, None])
+        for spot in (0, 1):
+            px = params[lo:lo + step, 3 * spot, None]
+            py = params[lo:lo + step, 3 * spot + 1, None]
+            close = (px - x[None, :]) ** 2 + (py - y[None, :]) ** 2 < radius ** 2
+            near[lo:lo + step] |= (close & other).any(1)
     return near

@@ -217,9 +217,9 @@ class SimulationConfig:
     empty_fraction: float = 0.0
     # share of samples whose background spans a ratio between its darkest and brightest pixel
     # drawn log-uniform in [1, steep_background_ratio] (a broad blob or a gradient over the
-    # whole tile), instead of at most +-70 % around its level: with +-70 % only, a tile whose
-    # background rises 10x (out-of-focus light, an illumination spot) made the model report
-    # 3-4 noise peaks per empty frame on its bright side
+    # whole tile), instead of at most +-70 % around its level: trained with +-70 % only, the
+    # model (v0.6) reported 2.6 noise peaks per empty frame (up to 13) on the bright side of
+    # a background rising 10x across the frame (out-of-focus light, an illumination spot)
     steep_background_fraction: float = 0.0
     steep_background_ratio: float = 10.0
 

@@ -31,7 +31,7 @@ from .config import Config
 from .errors import Cancelled, CheckpointError, InputFileError
 from .pairsplit import split_merged_pairs
 from .spotfit import (BORDER_FIT_BAND_PX, border_candidate_threshold, distance_inside,
-                      refit_border_detections)
+                      frames_tensor, refit_border_detections)
 from .table import LOC_DTYPE, concat_tables, empty_table
 
 #: smallest frame side the model accepts (smaller frames carry too little context)
@@ -469,13 +469,14 @@ class Predictor:
                     table, tile = table[keep], tile[keep]
                 batch = _place_detections(table, tile, where, ys, xs, ybounds, xbounds, band, t0,
                                           threshold)
+                if border_fit or pair_fit:
+                    # both fits run on the network's device: one transfer of the frames
+                    fit_frames = frames_tensor(photons[t0 - lo:t1 - lo], self.device)
                 if border_fit:
-                    batch = refit_border_detections(batch, photons[t0 - lo:t1 - lo], camera,
-                                                    threshold, frame_offset=t0,
-                                                    device=self.device)
+                    batch = refit_border_detections(batch, fit_frames, camera, threshold,
+                                                    frame_offset=t0)
                 if pair_fit:
-                    batch = split_merged_pairs(batch, photons[t0 - lo:t1 - lo], camera,
-                                               frame_offset=t0, device=self.device)
+                    batch = split_merged_pairs(batch, fit_frames, camera, frame_offset=t0)
                 if len(batch):
                     tables.append(batch)
                     n_locs += len(batch)

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from .camera import Camera
-from .spotfit import (MIN_PHOTON_SIGNIFICANCE, SIGMA_BOUNDS_PX, START_SIGMA_PX,
-                      FitWindows, distance_inside, fit_windows)
+from .spotfit import (MIN_PHOTON_SIGNIFICANCE, SIGMA_BOUNDS_PX, FitWindows, distance_inside,
+                      fit_windows, frames_tensor, single_spot_start)
 from .table import concat_tables
 
 #: detections nearer the frame border than this (px) are left to the border refit
@@ -79,18 +79,16 @@ def split_merged_pairs(table, frames, camera: Camera | None = None, frame_offset
     ``table``: detections in frame coordinates; ``frames``: the batch's frames in photons,
     where table frame ``f`` is ``frames[f - frame_offset]``. Returns the table with each
     split detection replaced by its two spots, ordered by frame, then y, then x, and the
-    screened detections' PSF width filled in.
-    ``device``: where to fit (default the CPU).
+    screened detections' PSF width filled in. ``frames`` may be a tensor already on the
+    fitting device; ``device``: where to fit (default where ``frames`` are).
     """
     camera = camera or Camera()
-    shape = np.shape(frames)[1:]
+    frames = frames_tensor(frames, device)
+    shape = tuple(frames.shape[1:])
     interior = np.flatnonzero(np.isfinite(table["x"]) & np.isfinite(table["y"])
                               & (distance_inside(table["x"], table["y"], shape) >= INTERIOR_PX))
     if not len(interior):
         return table
-    frames = torch.as_tensor(np.asarray(frames))
-    if device is not None:
-        frames = frames.to(device)
     rows = table[interior]
     frame_index = rows["frame"].astype(np.int64) - frame_offset
     single = _fit_single(frames, frame_index, rows, camera)
@@ -145,13 +143,7 @@ def split_merged_pairs(table, frames, camera: Camera | None = None, frame_offset
 def _fit_single(frames, frame_index, rows, camera):
     """One-spot fits of ``rows`` (all finite) in their frames."""
     win = FitWindows.cut(frames, frame_index, rows["x"], rows["y"], SCREEN_RADIUS_PX)
-    f64, dev = torch.float64, win.data.device
-    start = torch.stack([win.x0, win.y0,
-                         torch.as_tensor(rows["photons"].astype(float), dtype=f64,
-                                         device=dev).nan_to_num(1000.0).clamp_min(10.0),
-                         torch.as_tensor(rows["background"].astype(float), dtype=f64,
-                                         device=dev).nan_to_num(10.0).clamp_min(0.1),
-                         torch.full((len(rows),), START_SIGMA_PX, dtype=f64, device=dev)], 1)
+    start = single_spot_start(win, rows["photons"], rows["background"])
     return fit_windows(win, start, 1, camera, SINGLE_ITERATIONS, errors=False)
 
 

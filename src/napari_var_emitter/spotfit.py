@@ -108,6 +108,29 @@ def pixel_variance(mu, camera: Camera):
     return camera.excess_noise * shot / camera.qe + read ** 2 + to_photons ** 2 / 12
 
 
+def frames_tensor(frames, device=None) -> torch.Tensor:
+    """``frames`` (numpy or torch) as a tensor on ``device`` (None: where they are, numpy on
+    the CPU without a copy); moved only when they are elsewhere."""
+    frames = frames if isinstance(frames, torch.Tensor) else torch.as_tensor(np.asarray(frames))
+    return frames if device is None else frames.to(device)
+
+
+def single_spot_start(win: "FitWindows", photons, background,
+                      sigma: float = START_SIGMA_PX) -> torch.Tensor:
+    """Starting parameters of one-spot fits (:func:`fit_windows` layout): the windows'
+    centres, ``photons`` and ``background`` (NaN: 1,000 and 10; floored at 10 and 0.1) and
+    a common ``sigma``."""
+    f64, dev = torch.float64, win.data.device
+
+    def column(values, missing, floor):
+        values = torch.as_tensor(np.asarray(values, float), dtype=f64, device=dev)
+        return values.nan_to_num(missing).clamp_min(floor)
+
+    return torch.stack([win.x0, win.y0, column(photons, 1000.0, 10.0),
+                        column(background, 10.0, 0.1),
+                        torch.full_like(win.x0, float(sigma))], 1)
+
+
 @dataclass
 class SpotFits:
     """Results of :func:`fit_spots`, one entry per spot (positions in input px; NaN for a
@@ -148,11 +171,7 @@ def fit_spots(frames, frame_index, x, y, photons, background, camera: Camera | N
     sel = np.flatnonzero(finite)
     win = FitWindows.cut(frames, np.asarray(frame_index, np.int64).reshape(-1)[sel],
                          start[0, sel], start[1, sel], radius)
-    f64, dev = torch.float64, win.data.device
-    p = torch.stack([win.x0, win.y0,
-                     torch.as_tensor(start[2, sel], dtype=f64, device=dev).clamp_min(10.0),
-                     torch.as_tensor(start[3, sel], dtype=f64, device=dev).clamp_min(0.1),
-                     torch.full((len(sel),), float(sigma), dtype=f64, device=dev)], 1)
+    p = single_spot_start(win, start[2, sel], start[3, sel], sigma)
     fit = fit_windows(win, p, 1, camera or Camera(), iterations)
     values = torch.cat([fit.params, fit.se[:, [0, 1, 2]], fit.reduced_chi2[:, None]], 1)
     values = values.cpu().numpy()  # one transfer
@@ -180,8 +199,7 @@ class FitWindows:
     def cut(cls, frames, frame_index, x, y, radius: int = FIT_RADIUS_PX) -> "FitWindows":
         """Windows of ``frames`` (T, H, W) photons, numpy or torch, around ``(x[k], y[k])``
         in frame ``frame_index[k]`` (all finite)."""
-        frames = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(
-            np.asarray(frames))
+        frames = frames_tensor(frames)
         dev, f64 = frames.device, torch.float64
         _, h, w = frames.shape
         x0 = torch.as_tensor(np.asarray(x, float), dtype=f64, device=dev)
@@ -256,9 +274,13 @@ def fit_windows(win: FitWindows, start: torch.Tensor, n_spots: int, camera: Came
         lam = ((mu + c / a) / a).clamp_min(1e-9)
         return torch.where(mask, lam - scaled * torch.log(lam), 0.0).sum((1, 2))
 
+    def weights(mu):
+        """1 / variance of each window pixel (0 beyond the frame), flattened."""
+        return torch.where(mask, 1.0 / pixel_variance(mu, camera), 0.0).reshape(n, -1)
+
     def information(mu, jac):
         """Fisher information (n, P, P), the weights and the flattened Jacobian."""
-        weight = torch.where(mask, 1.0 / pixel_variance(mu, camera), 0.0).reshape(n, -1)
+        weight = weights(mu)
         flat = jac.reshape(n, -1, n_par)
         return (flat.transpose(1, 2) * weight[:, None, :]) @ flat, weight, flat
 
@@ -305,7 +327,7 @@ def fit_windows(win: FitWindows, start: torch.Tensor, n_spots: int, camera: Came
         se = torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0.0).sqrt()
         se = torch.where(ok[:, None], se, torch.full_like(se, math.nan))
     else:
-        weight = torch.where(mask, 1.0 / pixel_variance(mu, camera), 0.0).reshape(n, -1)
+        weight = weights(mu)
         se = torch.full_like(p, math.nan)
     n_pix = mask.sum((1, 2))
     chi2 = ((data - mu).reshape(n, -1) ** 2 * weight).sum(1)
@@ -334,8 +356,8 @@ def refit_border_detections(table, frames, camera: Camera | None, threshold: flo
     table frame ``f`` is ``frames[f - frame_offset]``. Returns the kept rows: those at or
     above ``threshold`` away from the border, and the border ones the rule keeps (refitted
     ones get the fit's position, photons, background, sigma and standard errors), ordered
-    by frame, then y, then x. ``device``: where to fit (e.g. the network's GPU; default the
-    CPU).
+    by frame, then y, then x. ``frames`` may be a tensor already on the fitting device;
+    ``device``: where to fit (e.g. the network's GPU; default where ``frames`` are).
     """
     keep = table["prob"] >= threshold
     near = np.flatnonzero((distance_inside(table["x"], table["y"], frames.shape[1:])
@@ -344,8 +366,7 @@ def refit_border_detections(table, frames, camera: Camera | None, threshold: flo
     if not len(near):
         return table[keep]
     rows = table[near]
-    if device is not None:
-        frames = torch.as_tensor(np.asarray(frames)).to(device)
+    frames = frames_tensor(frames, device)
     fit = fit_spots(frames, rows["frame"] - frame_offset, rows["x"], rows["y"], rows["photons"],
                     rows["background"], camera)
     trusted = ((fit.reduced_chi2 < MAX_REDUCED_CHI2)

@@ -224,6 +224,9 @@ def main(argv=None) -> int:
     ap.add_argument("--train-steps", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="fewer settings (a smoke run)")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--train-settings", default=None,
+                    help="training settings to time as BATCHxWORKERS,... (e.g. 512x12; "
+                    "default: 256x0,256x8,512x8,1024x12, or 64x0,64x2 with --quick)")
     ap.add_argument("--sections", default="model,predict,end_to_end,training",
                     help="comma-separated subset of the four measurements")
     a = ap.parse_args(argv)
@@ -261,6 +264,9 @@ def main(argv=None) -> int:
         if "training" in sections:
             settings = ([(64, 0), (64, 2)] if quick else
                         [(256, 0), (256, 8), (512, 8), (1024, 12)])
+            if a.train_settings:
+                settings = [tuple(int(v) for v in s.split("x"))
+                            for s in a.train_settings.split(",")]
             res["training"] = training_speed(settings, a.train_steps, work)
     text = report(res)
     with open(a.out, "w") as f:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from napari_var_emitter.camera import Camera
-from napari_var_emitter.pairsplit import split_merged_pairs
+from napari_var_emitter.pairsplit import _near_other_detection, split_merged_pairs
 from napari_var_emitter.simulation import render_expected
 from napari_var_emitter.table import LOC_DTYPE, empty_table
 
@@ -107,6 +107,29 @@ def test_a_second_spot_on_another_detection_is_that_neighbour_not_a_pair():
     both = both[np.lexsort((both["x"], both["y"], both["frame"]))]
     out = split_merged_pairs(both, frames, SCMOS)
     _assert_unchanged(out, both, sigma="filled")  # (each other's light widens those fits)
+
+
+def test_the_neighbour_test_looks_only_at_each_pairs_own_frame():
+    # the rule's "no spot within 2 px of another detection", against an all-pairs loop, on
+    # tables in any frame order, with detections without a position
+    rng = np.random.default_rng(8)
+    for _ in range(5):
+        n = 400
+        table = empty_table(n)
+        table["frame"] = rng.integers(0, 12, n)
+        table["x"], table["y"] = rng.uniform(0, 40, n), rng.uniform(0, 40, n)
+        table["x"][rng.random(n) < 0.05] = np.nan
+        which = rng.choice(n, 80, replace=False)
+        params = rng.uniform(0, 40, (80, 8))
+        params[:, 0] = table["x"][which] + rng.normal(0, 1.5, 80)
+        params[:, 1] = table["y"][which] + rng.normal(0, 1.5, 80)
+        expected = [any(f == table["frame"][j] and j != i
+                        and np.hypot(p[3 * s] - table["x"][j], p[3 * s + 1] - table["y"][j]) < 2
+                        for j in range(n) for s in (0, 1))
+                    for i, f, p in zip(which, table["frame"][which], params)]
+        found = _near_other_detection(table, which, params, 2.0)
+        assert 10 < sum(expected) < 70
+        np.testing.assert_array_equal(found, expected)
 
 
 def test_detections_at_the_frame_border_are_left_to_the_border_refit():

@@ -3,13 +3,15 @@
 Usage (on the GPU machine, from the repository root)::
 
     python benchmarks/bundled_model/gpu_round.py --out OUT [--trunk-s 330] [--x8-s 90] \
-        [--probe gpu_results.json] [--init bundled]
+        [--probe gpu_results.json] [--init bundled] [--recipe RECIPE.json]
 
 A lent GPU comes for minutes, so the round is sized by time rather than by steps: the batch
 size and the speed come from ``bench_gpu.py``'s training measurements (``--probe``; without
-one, batch 512 at an assumed speed), and the number of steps is what fits ``--trunk-s``
-seconds. The two phases are those of the CPU recipe (``v05_e_continue.json``, then
-``v03_c_x8_stage.json``) at the larger batch with the CPU recipes' learning rates
+one, batch 512 with 12 data workers at an assumed 8 steps/s, below the 11.6 measured on an
+H100 with 8 workers), and the number of steps is what fits ``--trunk-s`` seconds. The two
+phases are those of the CPU recipe (the trunk phase's recipe is ``--recipe``, by default
+``v05_e_continue.json``; then ``v03_c_x8_stage.json``; ``--x8-s 0`` leaves the 8x stage to be
+trained on a CPU afterwards) at the larger batch with the CPU recipes' learning rates
 (``--lr-factor`` scales them): on an H100, batch 1024 at 2.83x the rate (square-root
 scaling, halved) made the trained model diverge within 265 steps (validation efficiency 22
 -> 16 -> -33 by step 2,650), while the unscaled rate trained stably. The scale schedule
@@ -43,7 +45,7 @@ def choose_setting(probe: str | None) -> tuple[int, int, float]:
         if rows:
             best = max(rows, key=lambda r: r["tiles_per_s"])
             return int(best["batch"]), int(best["num_workers"]), float(best["steps_per_s"])
-    return 512, 10, 2.0
+    return 512, 12, 8.0
 
 
 def phase_config(recipe: str, batch: int, workers: int, steps: int, epochs: int,
@@ -90,6 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--x8-s", type=float, default=90.0)
     ap.add_argument("--probe", default=None, help="bench_gpu.py's JSON results")
     ap.add_argument("--init", default="bundled")
+    ap.add_argument("--recipe", default=TRUNK_RECIPE, help="the trunk phase's recipe")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--lr-factor", type=float, default=1.0,
                     help="multiplies the recipes' learning rates (default 1: see above)")
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
     print(f"batch {batch}, {workers} workers, {steps_per_s:.2f} steps/s measured: trunk "
           f"{trunk_steps} steps, 8x stage {x8_steps} steps, lr x{lr_factor:.2f}", flush=True)
     trunk_dir, x8_dir = os.path.join(a.work, "trunk"), os.path.join(a.work, "x8")
-    trunk_cfg = phase_config(TRUNK_RECIPE, batch, workers, trunk_steps, 10, lr_factor,
+    trunk_cfg = phase_config(a.recipe, batch, workers, trunk_steps, 10, lr_factor,
                              a.seed, os.path.join(a.out, "gpu_trunk.json"))
     t0 = time.time()
     rc = train(trunk_cfg, a.init, trunk_dir, a.trunk_s + 60, os.path.join(a.out, "trunk.log"),
@@ -117,6 +120,11 @@ def main(argv=None) -> int:
         print("trunk phase left no checkpoint", flush=True)
         return 1
     shutil.copy(best, os.path.join(a.out, "trunk_best.pth"))
+    last = os.path.join(trunk_dir, "last_model.pth")
+    if os.path.exists(last):
+        shutil.copy(last, os.path.join(a.out, "trunk_last.pth"))
+    if a.x8_s <= 0:
+        return 0
     x8_cfg = phase_config(X8_RECIPE, batch, workers, x8_steps, 2, 1.0, a.seed,
                           os.path.join(a.out, "gpu_x8.json"))
     t0 = time.time()

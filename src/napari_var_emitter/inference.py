@@ -47,6 +47,10 @@ BORDER_BAND_PX = 1.0
 #: emitter differ far less than this) and two maxima of one blob within a tile (the decoder)
 DUPLICATE_RADIUS_PX = 1.0
 BUNDLED_WEIGHTS = "var_emitter_default.pth"
+#: frame pixels whose detections the border refit and the pair split take at once. A fit
+#: call costs a few thousand tensor operations whatever its size: per network batch of 1,024
+#: tiles on an H200 that was ~65 ms of kernel launches, 10x the network's time
+FIT_CHUNK_PIXELS = {"cuda": 8_000_000, "cpu": 1_000_000}
 
 
 @dataclass
@@ -434,6 +438,7 @@ class Predictor:
                         for f in factors}
         tables = []
         n_locs = 0
+        fits = _SpotFitQueue(self.device, camera, threshold, border_fit, pair_fit)
         autocast = (torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda"
                     else _nullcontext())
         try:
@@ -469,17 +474,10 @@ class Predictor:
                     table, tile = table[keep], tile[keep]
                 batch = _place_detections(table, tile, where, ys, xs, ybounds, xbounds, band, t0,
                                           threshold)
-                if border_fit or pair_fit:
-                    # both fits run on the network's device: one transfer of the frames
-                    fit_frames = frames_tensor(photons[t0 - lo:t1 - lo], self.device)
-                if border_fit:
-                    batch = refit_border_detections(batch, fit_frames, camera, threshold,
-                                                    frame_offset=t0)
-                if pair_fit:
-                    batch = split_merged_pairs(batch, fit_frames, camera, frame_offset=t0)
-                if len(batch):
-                    tables.append(batch)
-                    n_locs += len(batch)
+                for done in fits.add(batch, photons[t0 - lo:t1 - lo], t0, last=t1 == t_total):
+                    if len(done):
+                        tables.append(done)
+                        n_locs += len(done)
                 if maps:
                     stitched = _stitch_maps(out, factors, t1 - t0, where, ys, xs, ybounds,
                                             xbounds, h, w)
@@ -510,6 +508,47 @@ class Predictor:
                                           "threshold": float(threshold), "tta": bool(tta),
                                           "border_fit": bool(border_fit),
                                           "pair_fit": bool(pair_fit)})
+
+
+class _SpotFitQueue:
+    """The border refit and the pair split (:mod:`.spotfit`, :mod:`.pairsplit`) of a run's
+    detections, on chunks of about :data:`FIT_CHUNK_PIXELS` frame pixels rather than per
+    network batch: :meth:`add` holds a batch's detections and frames (photons) back and
+    returns the tables whose fits are done, in frame order."""
+
+    def __init__(self, device, camera: Camera, threshold: float, border_fit: bool,
+                 pair_fit: bool):
+        self.device, self.camera, self.threshold = device, camera, threshold
+        self.border_fit, self.pair_fit = border_fit, pair_fit
+        self.chunk_pixels = FIT_CHUNK_PIXELS["cuda" if device.type == "cuda" else "cpu"]
+        self.tables, self.frames, self.first_frame, self.pixels = [], [], 0, 0
+
+    def add(self, table, photons: np.ndarray, first_frame: int, last: bool) -> list:
+        """Queue ``table`` (detections of frames ``first_frame`` on, in frame coordinates)
+        and their ``photons`` (T, H, W); ``last``: no more batches follow."""
+        if not (self.border_fit or self.pair_fit):
+            return [table]
+        if not self.frames:
+            self.first_frame = first_frame
+        self.tables.append(table)
+        self.frames.append(photons)
+        self.pixels += photons.size
+        if self.pixels < self.chunk_pixels and not last:
+            return []
+        table = concat_tables(self.tables)
+        frames = np.concatenate(self.frames) if len(self.frames) > 1 else self.frames[0]
+        self.tables, self.frames, self.pixels = [], [], 0
+        if not len(table):
+            return [table]
+        # both fits run on the network's device: one transfer of the frames
+        frames = frames_tensor(frames, self.device)
+        if self.border_fit:
+            table = refit_border_detections(table, frames, self.camera, self.threshold,
+                                            frame_offset=self.first_frame)
+        if self.pair_fit:
+            table = split_merged_pairs(table, frames, self.camera,
+                                       frame_offset=self.first_frame)
+        return [table]
 
 
 def _blank_constant_tiles(out: dict, centre: torch.Tensor) -> None:

@@ -1,6 +1,6 @@
 """GPU speed: model throughput, ``predict`` end to end, and training steps per second.
 
-Run on a machine with a CUDA GPU (the numbers in BENCHMARKS.md came from an H100)::
+Run on a machine with a CUDA GPU (BENCHMARKS.md: an H100 in session 5, an H200 in session 11)::
 
     python benchmarks/bench_gpu.py [--out gpu_results.md] [--quick]
 

@@ -474,10 +474,10 @@ class Predictor:
                     table, tile = table[keep], tile[keep]
                 batch = _place_detections(table, tile, where, ys, xs, ybounds, xbounds, band, t0,
                                           threshold)
-                for done in fits.add(batch, photons[t0 - lo:t1 - lo], t0, last=t1 == t_total):
-                    if len(done):
-                        tables.append(done)
-                        n_locs += len(done)
+                done = fits.add(batch, photons[t0 - lo:t1 - lo], t0, last=t1 == t_total)
+                if done is not None and len(done):
+                    tables.append(done)
+                    n_locs += len(done)
                 if maps:
                     stitched = _stitch_maps(out, factors, t1 - t0, where, ys, xs, ybounds,
                                             xbounds, h, w)
@@ -513,8 +513,8 @@ class Predictor:
 class _SpotFitQueue:
     """The border refit and the pair split (:mod:`.spotfit`, :mod:`.pairsplit`) of a run's
     detections, on chunks of about :data:`FIT_CHUNK_PIXELS` frame pixels rather than per
-    network batch: :meth:`add` holds a batch's detections and frames (photons) back and
-    returns the tables whose fits are done, in frame order."""
+    network batch: :meth:`add` holds a batch's detections and frames (photons) back until a
+    chunk is full, then returns the chunk's fitted table (frames in order)."""
 
     def __init__(self, device, camera: Camera, threshold: float, border_fit: bool,
                  pair_fit: bool):
@@ -523,23 +523,24 @@ class _SpotFitQueue:
         self.chunk_pixels = FIT_CHUNK_PIXELS["cuda" if device.type == "cuda" else "cpu"]
         self.tables, self.frames, self.first_frame, self.pixels = [], [], 0, 0
 
-    def add(self, table, photons: np.ndarray, first_frame: int, last: bool) -> list:
+    def add(self, table, photons: np.ndarray, first_frame: int, last: bool):
         """Queue ``table`` (detections of frames ``first_frame`` on, in frame coordinates)
-        and their ``photons`` (T, H, W); ``last``: no more batches follow."""
+        and their ``photons`` (T, H, W); ``last``: no more batches follow. Returns the
+        fitted table of the chunk this completes, else None."""
         if not (self.border_fit or self.pair_fit):
-            return [table]
+            return table
         if not self.frames:
             self.first_frame = first_frame
         self.tables.append(table)
         self.frames.append(photons)
         self.pixels += photons.size
         if self.pixels < self.chunk_pixels and not last:
-            return []
+            return None
         table = concat_tables(self.tables)
         frames = np.concatenate(self.frames) if len(self.frames) > 1 else self.frames[0]
         self.tables, self.frames, self.pixels = [], [], 0
         if not len(table):
-            return [table]
+            return table
         # both fits run on the network's device: one transfer of the frames
         frames = frames_tensor(frames, self.device)
         if self.border_fit:
@@ -548,7 +549,7 @@ class _SpotFitQueue:
         if self.pair_fit:
             table = split_merged_pairs(table, frames, self.camera,
                                        frame_offset=self.first_frame)
-        return [table]
+        return table
 
 
 def _blank_constant_tiles(out: dict, centre: torch.Tensor) -> None:

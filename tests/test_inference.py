@@ -361,10 +361,14 @@ def test_spot_fits_on_chunks_of_several_batches_give_the_batchwise_result(monkey
                            highres_factor=None)
     pred = Predictor.from_pretrained(device="cpu")
     runs = []
-    for chunk in (1, 12 * 40 * 40):  # per batch of 4 frames; three batches at once
-        monkeypatch.setitem(inference.FIT_CHUNK_PIXELS, "cpu", chunk)
+    # per batch of 4 frames; three batches at once; as many as hold 200 detections
+    for pixels, detections in ((1, 10 ** 6), (12 * 40 * 40, 10 ** 6), (10 ** 9, 200)):
+        monkeypatch.setitem(inference.FIT_CHUNK_PIXELS, "cpu", pixels)
+        monkeypatch.setitem(inference.FIT_CHUNK_DETECTIONS, "cpu", detections)
         runs.append(pred.predict(movie.adu, maps=False, batch_size=4).localizations)
-    per_batch, chunked = runs
+    per_batch, chunked, by_detections = runs
+    np.testing.assert_array_equal(by_detections["frame"], per_batch["frame"])
+    np.testing.assert_allclose(by_detections["x"], per_batch["x"], atol=1e-3)
     assert len(chunked) == len(per_batch) > 150
     np.testing.assert_array_equal(chunked["frame"], per_batch["frame"])
     for name in ("x", "y", "photons", "sigma"):

@@ -47,10 +47,13 @@ BORDER_BAND_PX = 1.0
 #: emitter differ far less than this) and two maxima of one blob within a tile (the decoder)
 DUPLICATE_RADIUS_PX = 1.0
 BUNDLED_WEIGHTS = "var_emitter_default.pth"
-#: frame pixels whose detections the border refit and the pair split take at once. A fit
-#: call costs a few thousand tensor operations whatever its size: per network batch of 1,024
-#: tiles on an H200 that was ~65 ms of kernel launches, 10x the network's time
+#: the border refit and the pair split take the detections of this many frame pixels at
+#: once, or fewer frames once they hold FIT_CHUNK_DETECTIONS. A fit call costs a few
+#: thousand tensor operations whatever its size: per network batch of 1,024 tiles on an H200
+#: that was ~65 ms of kernel launches, 10x the network's time. Its memory grows with the
+#: detections: about 11 MB per 1,000 (5 emitters/um^2, measured on a CPU)
 FIT_CHUNK_PIXELS = {"cuda": 8_000_000, "cpu": 1_000_000}
+FIT_CHUNK_DETECTIONS = {"cuda": 150_000, "cpu": 10_000}
 
 
 @dataclass
@@ -512,16 +515,20 @@ class Predictor:
 
 class _SpotFitQueue:
     """The border refit and the pair split (:mod:`.spotfit`, :mod:`.pairsplit`) of a run's
-    detections, on chunks of about :data:`FIT_CHUNK_PIXELS` frame pixels rather than per
-    network batch: :meth:`add` holds a batch's detections and frames (photons) back until a
-    chunk is full, then returns the chunk's fitted table (frames in order)."""
+    detections, on chunks of about :data:`FIT_CHUNK_PIXELS` frame pixels (or
+    :data:`FIT_CHUNK_DETECTIONS` detections) rather than per network batch: :meth:`add`
+    holds a batch's detections and frames (photons) back until a chunk is full, then
+    returns the chunk's fitted table (frames in order)."""
 
     def __init__(self, device, camera: Camera, threshold: float, border_fit: bool,
                  pair_fit: bool):
         self.device, self.camera, self.threshold = device, camera, threshold
         self.border_fit, self.pair_fit = border_fit, pair_fit
-        self.chunk_pixels = FIT_CHUNK_PIXELS["cuda" if device.type == "cuda" else "cpu"]
-        self.tables, self.frames, self.first_frame, self.pixels = [], [], 0, 0
+        kind = "cuda" if device.type == "cuda" else "cpu"
+        self.chunk_pixels = FIT_CHUNK_PIXELS[kind]
+        self.chunk_detections = FIT_CHUNK_DETECTIONS[kind]
+        self.tables, self.frames, self.first_frame = [], [], 0
+        self.pixels = self.detections = 0
 
     def add(self, table, photons: np.ndarray, first_frame: int, last: bool):
         """Queue ``table`` (detections of frames ``first_frame`` on, in frame coordinates)
@@ -534,11 +541,14 @@ class _SpotFitQueue:
         self.tables.append(table)
         self.frames.append(photons)
         self.pixels += photons.size
-        if self.pixels < self.chunk_pixels and not last:
+        self.detections += len(table)
+        if (self.pixels < self.chunk_pixels and self.detections < self.chunk_detections
+                and not last):
             return None
         table = concat_tables(self.tables)
         frames = np.concatenate(self.frames) if len(self.frames) > 1 else self.frames[0]
-        self.tables, self.frames, self.pixels = [], [], 0
+        self.tables, self.frames = [], []
+        self.pixels = self.detections = 0
         if not len(table):
             return table
         # both fits run on the network's device: one transfer of the frames

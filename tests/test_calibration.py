@@ -46,6 +46,19 @@ def test_threshold_rejects_false_positives_and_scale_fixes_overcautious_sigmas()
     assert cal.sigma_scale == pytest.approx((0.5, 0.5), rel=0.1)
 
 
+def test_every_scene_weighs_the_same_in_the_uncertainty_scale():
+    # two sparse scenes whose sigmas are twice too large, and one crowded scene with ten
+    # times their detections whose sigmas are half too small: pooled, the crowded scene
+    # would set the scale (about 1.7); per scene, the typical scene does (0.5)
+    rng = np.random.default_rng(1)
+    runs = [synthetic_run(rng), synthetic_run(rng),
+            synthetic_run(rng, n_frames=200, per_frame=10, err_px=0.2, unc_px=0.1)]
+    cal = calibration_from_runs(runs)
+    assert cal.sigma_scale == pytest.approx((0.5, 0.5), rel=0.1)
+    assert [r["raw_calibration"][0] for r in cal.per_scene] == pytest.approx([0.5, 0.5, 2.0],
+                                                                              rel=0.1)
+
+
 def test_calibration_is_stored_in_the_checkpoint_and_used_by_the_predictor(tmp_path):
     src = bundled_checkpoint_path()
     out = tmp_path / "calibrated.pth"

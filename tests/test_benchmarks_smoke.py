@@ -365,3 +365,32 @@ def test_empty_frame_benchmark_reports_every_condition(capsys, untrained_checkpo
     for row in rows[1:]:
         cells = [c.strip() for c in row.strip().strip("|").split("|")]
         assert len(cells) == 3 and all(float(c) >= 0 for c in cells[1:])
+
+
+def test_gpu_round_sizes_its_phases_from_the_probe_and_keeps_the_recipes_rate(tmp_path):
+    """benchmarks/bundled_model/gpu_round.py: a lent GPU's minutes decide the steps; the
+    config it writes (the recipe that then reproduces the weights) must still be the
+    recipe, with only the batch, workers, steps and seed changed."""
+    sys.path.insert(0, str(BENCH / "bundled_model"))
+    import gpu_round
+
+    probe = tmp_path / "gpu_results.json"
+    probe.write_text(json.dumps({"training": [
+        {"batch": 64, "num_workers": 0, "steps_per_s": 40.0, "tiles_per_s": 2560.0},
+        {"batch": 512, "num_workers": 12, "steps_per_s": 11.9, "tiles_per_s": 6093.0},
+        {"batch": 1024, "num_workers": 12, "steps_per_s": 5.0, "tiles_per_s": 5120.0}]}))
+    # the fastest in tiles/s among batches of 256-1024 (64 is too small to count)
+    assert gpu_round.choose_setting(str(probe)) == (512, 12, 11.9)
+    assert gpu_round.choose_setting(str(tmp_path / "missing.json")) == (512, 12, 8.0)
+    recipe = BENCH / "bundled_model" / "v10_o_steep_bg.json"
+    out = gpu_round.phase_config(str(recipe), 512, 12, 3652, 10, 1.0, 7,
+                                 str(tmp_path / "trunk.json"))
+    written, original = json.loads(Path(out).read_text()), json.loads(recipe.read_text())
+    tr = written["training"]
+    assert (tr["batch_size"], tr["num_workers"], tr["num_epochs"], tr["seed"]) == (512, 12, 10, 7)
+    assert tr["steps_per_epoch"] == 365
+    assert tr["learning_rate"] == original["training"]["learning_rate"]
+    assert written["simulation"] == original["simulation"] and written["loss"] == original["loss"]
+    # and var-emitter train accepts it
+    from napari_var_emitter.config import load_config
+    assert load_config(out).training.batch_size == 512

@@ -17,6 +17,7 @@ inside it whose light looks like two emitters are split by :mod:`.pairsplit`.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -234,19 +235,19 @@ def _decode_candidates(m: dict, f: int):
     # pixels at x2, 5x5 at x4, 9x9 at x8: at finer scales one blob spans more map pixels);
     # a candidate is the strongest pixel within that distance
     c = max(3, 2 * (f // 2) + 1)
-    p3 = F.avg_pool2d(p[:, None], c, 1, c // 2, count_include_pad=True)[:, 0] * (c * c)
+    p3 = _window_sum(p, c)
     # ties go to the stronger pixel, then (a flat blob) to the pixel whose whole window
     # holds the most, then a fixed order; float64 so these tie-breakers survive rounding
-    window = F.avg_pool2d(p[:, None], k, 1, r, count_include_pad=True)[:, 0] * (k * k)
+    window = _window_sum(p, k)
     order = torch.arange(h * w, device=dev, dtype=torch.float64).reshape(h, w)
     score = p3.double() + 1e-4 * p.double() + 1e-8 * window.double() + 1e-13 * order
-    cand = (score >= F.max_pool2d(score[:, None], c, 1, c // 2)[:, 0]) & (p3 >= CANDIDATE_FLOOR)
+    cand = (score >= _window_max(score, c)) & (p3 >= CANDIDATE_FLOOR)
     d = torch.arange(-r, r + 1, device=dev)
-    dist2 = (d[:, None] ** 2 + d[None, :] ** 2).float()
-    kernel = torch.exp(-dist2 / (2 * (SHARE_SIGMA_PX * f) ** 2))
+    proximity = torch.exp(-d.float() ** 2 / (2 * (SHARE_SIGMA_PX * f) ** 2))
+    kernel = proximity[:, None] * proximity[None, :]
     strength = torch.where(cand, p3, torch.zeros((), device=dev))
     # each pixel's total claim: the sum over candidates of strength x proximity
-    claims = F.conv2d(strength[:, None], kernel[None, None], padding=r)[:, 0].clamp_min(1e-12)
+    claims = _window_sum(strength, k, proximity).clamp_min(1e-12)
     n, j, i = torch.nonzero(cand, as_tuple=True)
     # only the windows around the candidates are needed: gather them (a few per tile)
     win_rows = (j[:, None, None] + d[None, :, None]).expand(-1, k, k).reshape(-1, k * k)
@@ -274,6 +275,35 @@ def _decode_candidates(m: dict, f: int):
     }
     values = torch.stack([mass, *cols.values()]).double().cpu().numpy()  # one GPU transfer
     return n.cpu().numpy(), values[0], dict(zip(cols, values[1:]))
+
+
+def _window_sum(x: torch.Tensor, size: int, weights: torch.Tensor | None = None):
+    """Sum of ``x`` (N, H, W) over the ``size`` x ``size`` window around each pixel (zeros
+    beyond the edge), each row and column of the window weighted by ``weights`` (length
+    ``size``, symmetric; None: 1). Shifted adds, one axis after the other: on a CPU, 3-4x
+    faster than ``avg_pool2d`` / ``conv2d`` with one channel, which made decoding a third
+    of `predict`'s time."""
+    r = size // 2
+    _, h, w = x.shape
+    padded = F.pad(x, (r, r, r, r))
+    wt = [1.0] * size if weights is None else weights.tolist()
+    rows = sum(wt[i] * padded[:, i:i + h, :] for i in range(size))
+    return sum(wt[j] * rows[:, :, j:j + w] for j in range(size))
+
+
+def _window_max(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Maximum of ``x`` (N, H, W) over the ``size`` x ``size`` window around each pixel
+    (what ``max_pool2d`` with stride 1 gives, several times faster on a CPU)."""
+    r = size // 2
+    _, h, w = x.shape
+    padded = F.pad(x, (r, r, r, r), value=-math.inf)
+    rows = padded[:, 0:h, :]
+    for i in range(1, size):
+        rows = torch.maximum(rows, padded[:, i:i + h, :])
+    out = rows[:, :, 0:w]
+    for j in range(1, size):
+        out = torch.maximum(out, rows[:, :, j:j + w])
+    return out
 
 
 def _merge_split_candidates(tile, mass, values, radius: float = DUPLICATE_RADIUS_PX):

@@ -205,3 +205,24 @@ def test_close_pairs_on_a_straight_filament(vertical):
     i, j = np.nonzero(np.triu(d < 1.0, k=1))
     assert pairs == set(zip(i.tolist(), j.tolist()))
     assert len(pairs) == 299  # each detection with its neighbours 0.6 px away only
+
+
+@pytest.mark.parametrize("size", [3, 5, 9, 17])
+def test_window_sums_and_maxima_are_those_of_torch_pooling(size):
+    """The decoder's window sums (plain and Gaussian-weighted) and maxima, written as
+    shifted adds for speed, equal avg_pool2d x size^2, conv2d and max_pool2d at every
+    pixel, the frame's edge included (zeros beyond it for sums, nothing for maxima)."""
+    import torch.nn.functional as F
+
+    from napari_var_emitter.inference import _window_max, _window_sum
+
+    gen = torch.Generator().manual_seed(size)
+    x = torch.rand(3, 21, 26, generator=gen) ** 4
+    r = size // 2
+    boxed = F.avg_pool2d(x[:, None], size, 1, r, count_include_pad=True)[:, 0] * size ** 2
+    torch.testing.assert_close(_window_sum(x, size), boxed, atol=1e-5, rtol=1e-5)
+    g = torch.exp(-torch.arange(-r, r + 1).float() ** 2 / 8.0)
+    conv = F.conv2d(x[:, None], (g[:, None] * g[None, :])[None, None], padding=r)[:, 0]
+    torch.testing.assert_close(_window_sum(x, size, g), conv, atol=1e-5, rtol=1e-5)
+    x64 = x.double()
+    assert torch.equal(_window_max(x64, size), F.max_pool2d(x64[:, None], size, 1, r)[:, 0])

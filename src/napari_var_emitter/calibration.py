@@ -178,7 +178,7 @@ def calibration_from_runs(runs, tolerance_nm: float = 250.0,
         scale.append(float(np.median(per_run)) if len(per_run) else 1.0)
     at_half = int(np.argmin(np.abs(np.asarray(THRESHOLD_GRID) - 0.5)))
     # per scene: Jaccard at the chosen threshold and at 0.5, and std(error / sigma) per axis
-    # before (raw) the pooled scale is applied
+    # before (raw) the scale is applied
     per_scene = [{"jaccard": float(table[i, best]), "jaccard_at_0_5": float(table[i, at_half]),
                   "raw_calibration": [spread(ratios["x"][i]), spread(ratios["y"][i])]}
                  for i in range(len(runs))]

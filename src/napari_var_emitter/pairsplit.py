@@ -102,9 +102,10 @@ def split_merged_pairs(table, frames, camera: Camera | None = None, frame_offset
     if not len(suspects):
         return table
     p1 = single.params[suspects]
-    which = interior[suspects.cpu().numpy()]
-    win = FitWindows.cut(frames, frame_index[suspects.cpu().numpy()], p1[:, 0].cpu().numpy(),
-                         p1[:, 1].cpu().numpy())
+    picked = suspects.cpu().numpy()
+    which = interior[picked]
+    centres = p1[:, :2].cpu().numpy()  # one transfer
+    win = FitWindows.cut(frames, frame_index[picked], centres[:, 0], centres[:, 1])
     # spots may run to the window's edge: one drawn to a neighbour's light must get there, to
     # be recognised as that neighbour. Most suspects in crowded frames are such cases, and a
     # few iterations show it: only the others are fitted to the end

@@ -201,6 +201,35 @@ def test_maps_at_every_scale_stitched_to_the_frame(untrained_checkpoint, drain):
     np.testing.assert_array_equal(fast.localizations, res.localizations)
 
 
+def test_a_model_with_context_sees_each_frames_neighbours_and_copies_at_the_ends(
+        tiny_model_config, tmp_path):
+    from napari_var_emitter.checkpoint import save_checkpoint
+    from napari_var_emitter.model import VarEmitterNet
+
+    d = tiny_model_config.to_dict()
+    cfg = Config.from_dict({**d, "model": {**d["model"], "context_frames": 3}})
+    torch.manual_seed(1)
+    save_checkpoint(tmp_path / "ctx.pth", VarEmitterNet(cfg.model).state_dict(), cfg, step=0)
+    pred = Predictor.from_checkpoint(tmp_path / "ctx.pth", device="cpu")
+    movie = np.random.default_rng(2).poisson(30, (5, 20, 24)).astype(np.uint16)
+
+    def prob(stack, batch_size=64):
+        res = pred.predict(stack, batch_size=batch_size, border_fit=False, pair_fit=False)
+        return np.asarray(res.maps[2]["probability"])
+
+    whole = prob(movie)
+    # frames are read in blocks: the neighbours across a block's edge are the same
+    np.testing.assert_allclose(prob(movie, batch_size=4), whole, atol=1e-6)
+    # a middle frame is predicted from it and its two neighbours
+    np.testing.assert_allclose(prob(movie[1:4])[1], whole[2], atol=1e-6)
+    assert not np.allclose(prob(movie[[2, 2, 2]])[1], whole[2], rtol=1e-4, atol=0)
+    # the first and last frames lack a neighbour: the frame itself stands in for it
+    np.testing.assert_allclose(prob(movie[[0, 0, 1]])[1], whole[0], atol=1e-6)
+    np.testing.assert_allclose(prob(movie[[3, 4, 4]])[1], whole[4], atol=1e-6)
+    # a single image is its own context
+    np.testing.assert_allclose(prob(movie[3])[0], prob(movie[[3, 3, 3]])[1], atol=1e-6)
+
+
 def test_maps_stream_into_predictions_h5_and_read_back_lazily(untrained_checkpoint, tmp_path):
     pred = Predictor.from_checkpoint(untrained_checkpoint, device="cpu")
     stack = np.random.default_rng(1).poisson(20, (5, 24, 40)).astype(np.uint16)

@@ -310,6 +310,58 @@ def test_sample_training_batch_shapes_and_ranges():
     assert batch.frames.mean() == pytest.approx(batch.expected.mean(), rel=0.05)
 
 
+def _neighbour_share(sim, seed=3):
+    """Share of the centre frame's emitters also on in the frame before (same position)."""
+    batch = sample_training_batch(sim, 64, np.random.default_rng(seed), context_frames=3)
+    sig = batch.expected - batch.background[:, None]
+    on_before = on_centre = 0
+    for b, t in enumerate(batch.tables):
+        inside = (t["x"] > 1) & (t["x"] < 38) & (t["y"] > 1) & (t["y"] < 38)
+        r, c = np.rint(t["y"][inside]).astype(int), np.rint(t["x"][inside]).astype(int)
+        # lit in the frame before: a good part of its photons on its pixel there too
+        on_before += int(np.sum(sig[b, 0, r, c] > 0.5 * sig[b, 1, r, c]))
+        on_centre += int(inside.sum())
+    return on_before / on_centre
+
+
+def test_mean_on_time_sets_how_often_an_emitter_stays_on_into_the_next_frame():
+    base = dict(frame_size=[40, 40], sigma_px=[1.0, 1.2], photons=[3000.0, 5000.0],
+                density_per_um2=[0.2, 0.4], filament_fraction=0.0, background=[5.0, 20.0])
+    short = _neighbour_share(SimulationConfig(**base, mean_on_frames=1.0))
+    long = _neighbour_share(SimulationConfig(**base, mean_on_frames=20.0))
+    mixed = _neighbour_share(SimulationConfig(**base, mean_on_frames=[1.0, 20.0]))
+    # geometric on-times: P(on before | on now) = 1 - 1/mean_on (plus re-activation, 1-10 %)
+    assert short < 0.2 and long > 0.85 and short < mixed < long
+
+
+def test_missing_context_copies_the_centre_frame_into_its_neighbours():
+    sim = SimulationConfig(frame_size=[40, 40], missing_context_fraction=1.0)
+    batch = sample_training_batch(sim, 48, np.random.default_rng(4), context_frames=3)
+    before = [np.array_equal(f[0], f[1]) for f in batch.frames]
+    after = [np.array_equal(f[2], f[1]) for f in batch.frames]
+    assert all(b or a for b, a in zip(before, after))  # every sample lost a side
+    # one side or both, each about a third of the time
+    n_both = sum(b and a for b, a in zip(before, after))
+    assert 5 <= n_both <= 30 and 5 <= sum(b and not a for b, a in zip(before, after)) <= 30
+    # the noise-free frames follow, so the reconstruction target stays consistent
+    assert all(np.array_equal(e[0], e[1]) for e, b in zip(batch.expected, before) if b)
+    # by default (and with one frame) nothing is copied: independent noise in every frame
+    plain = sample_training_batch(SimulationConfig(frame_size=[40, 40]), 16,
+                                  np.random.default_rng(4), context_frames=3)
+    assert not any(np.array_equal(f[0], f[1]) or np.array_equal(f[2], f[1])
+                   for f in plain.frames)
+
+
+@pytest.mark.parametrize("value, message", [
+    (0.5, "mean_on_frames"), ([0.5, 3.0], "mean_on_frames"), ([4.0, 2.0], "mean_on_frames"),
+    (["a", 2], "mean_on_frames"), (True, "mean_on_frames")])
+def test_bad_mean_on_time_is_a_config_error(value, message):
+    with pytest.raises(ConfigError, match=message):
+        SimulationConfig(mean_on_frames=value).validate()
+    with pytest.raises(ConfigError, match="missing_context_fraction"):
+        SimulationConfig(missing_context_fraction=1.5).validate()
+
+
 def test_training_tables_line_up_with_bright_spots():
     sim = SimulationConfig(frame_size=[40, 40], sigma_px=[1.0, 1.2], photons=[3000.0, 5000.0],
                            background=[5.0, 10.0], density_per_um2=[0.3, 0.6],

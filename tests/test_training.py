@@ -297,6 +297,35 @@ def test_init_grows_a_trained_model_by_the_frame_mask_without_changing_its_outpu
     with pytest.raises(CheckpointError, match="frame_mask"):
         make_trainer(tmp_path / "c", cfg, init=tmp_path / "b" / "last_model.pth")
 
+def test_init_grows_a_trained_model_by_context_frames_without_changing_its_output(tmp_path):
+    from napari_var_emitter.errors import CheckpointError
+    from napari_var_emitter.training import STEM_WEIGHT_KEY
+
+    cfg = tiny_config(num_epochs=1, steps_per_epoch=2)
+    first = make_trainer(tmp_path / "a", cfg)
+    _run(first)
+    d = cfg.to_dict()
+    ctx_cfg = Config.from_dict({**d, "model": {**d["model"], "context_frames": 3},
+                                "simulation": {**d["simulation"], "mean_on_frames": [1, 6],
+                                               "missing_context_fraction": 0.2}})
+    grown = make_trainer(tmp_path / "b", ctx_cfg, init=tmp_path / "a" / "last_model.pth")
+    w = grown.module.state_dict()[STEM_WEIGHT_KEY]
+    assert w.shape[1] == 6  # two intensity transforms of three frames
+    x = torch.rand(2, 3, 16, 16) * 40 + 10
+    with torch.no_grad():
+        a = first.module.eval()(x[:, 1:2], with_recon=False)["maps"]
+        b = grown.module.eval()(x, with_recon=False)["maps"]
+    for f in a:  # the neighbouring frames' weights start at zero: only the centre counts
+        for k in a[f]:
+            assert torch.equal(a[f][k], b[f][k]), (f, k)
+    _run(grown)  # and they learn to use the neighbours
+    w = grown.module.state_dict()[STEM_WEIGHT_KEY]
+    assert w[:, [0, 2, 3, 5]].abs().sum() > 0
+    # a context cannot be shrunk
+    with pytest.raises(CheckpointError, match="context_frames"):
+        make_trainer(tmp_path / "c", cfg, init=tmp_path / "b" / "last_model.pth")
+
+
 def test_trainable_prefixes_train_one_part_and_freeze_the_rest(tmp_path):
     cfg = tiny_config(num_epochs=1, steps_per_epoch=3, warmup_epochs=0,
                       trainable="transformer.stages.2")

@@ -204,7 +204,10 @@ class SimulationConfig:
     baseline: list = field(default_factory=lambda: [0.0, 400.0])
     read_noise: list = field(default_factory=lambda: [0.5, 80.0])
     qe: list = field(default_factory=lambda: [0.7, 0.95])
-    mean_on_frames: float = 3.0
+    # mean on-time of a fluorophore in frames: one value, or a [low, high] range drawn
+    # log-uniform per training sample (a model with a context of frames should not learn one
+    # dye's kinetics: at 1 frame consecutive frames are nearly independent)
+    mean_on_frames: float | list = 3.0
     edge_margin_px: float = 1.0  # emitters may lie this far outside the frame
     # share of a uniform scene's emitters drawn in the band within edge_band_px of the frame
     # border (either side of it) instead of anywhere: half-cut spots are rare in uniform
@@ -222,6 +225,11 @@ class SimulationConfig:
     # a background rising 10x across the frame (out-of-focus light, an illumination spot)
     steep_background_fraction: float = 0.0
     steep_background_ratio: float = 10.0
+    # with model.context_frames > 1: share of samples in which a neighbouring frame is
+    # replaced by a copy of the centre frame (one side or both, equally often), as prediction
+    # does at a movie's first and last frame and for a single image; a model never shown
+    # this would read the copied noise as an emitter that stays on
+    missing_context_fraction: float = 0.0
 
     def validate(self):
         _positive_pair(self.frame_size, "simulation.frame_size")
@@ -233,11 +241,19 @@ class SimulationConfig:
         if self.sigma_px[0] <= 0 or self.e_per_adu[0] <= 0 or self.qe[0] <= 0 or self.qe[1] > 1:
             raise ConfigError("simulation sigma_px, e_per_adu and qe must be positive (qe <= 1)")
         for name in ("filament_fraction", "emccd_fraction", "edge_fraction", "empty_fraction",
-                     "steep_background_fraction"):
+                     "steep_background_fraction", "missing_context_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"simulation.{name} must be in [0, 1]")
-        if not self.mean_on_frames >= 1:
-            raise ConfigError("simulation.mean_on_frames must be >= 1")
+        on = self.mean_on_frames
+        if isinstance(on, (list, tuple)):
+            if not _numeric_nested(list(on)):
+                raise ConfigError(f"simulation.mean_on_frames must be numbers, got {on!r}")
+            _range(on, "simulation.mean_on_frames")
+            if not on[0] >= 1:
+                raise ConfigError("simulation.mean_on_frames must be >= 1")
+        elif isinstance(on, bool) or not isinstance(on, (int, float)) or not on >= 1:
+            raise ConfigError("simulation.mean_on_frames must be a number >= 1 or a "
+                              "[low, high] range")
         if not self.steep_background_ratio >= 1:
             raise ConfigError("simulation.steep_background_ratio must be >= 1")
         if not self.edge_margin_px >= 0:

@@ -225,18 +225,19 @@ def _blinking_pool(rng, expected_on, n_frames, mean_on_frames, on_fraction, pois
     """Simulate pools of blinking fluorophores; return only those on in at least one frame.
 
     ``expected_on`` (G,) is the mean number of emitters on per frame in each group (sample or
-    movie). Each group gets ``expected_on / on_fraction`` fluorophores (a Poisson number when
-    ``poisson_pool``, else that number rounded at random, so a long movie keeps the asked
-    density), started from the stationary state (on with probability ``on_fraction``) and
-    switched with a two-state Markov chain: p(on -> off) = 1/mean_on_frames (geometric
-    on-times of that mean) and p(off -> on) chosen so that the stationary on-fraction is
-    ``on_fraction``. With a Poisson pool the number on per frame is exactly Poisson.
+    movie); ``mean_on_frames`` is one number or one per group. Each group gets ``expected_on /
+    on_fraction`` fluorophores (a Poisson number when ``poisson_pool``, else that number
+    rounded at random, so a long movie keeps the asked density), started from the stationary
+    state (on with probability ``on_fraction``) and switched with a two-state Markov chain:
+    p(on -> off) = 1/mean_on_frames (geometric on-times of that mean) and p(off -> on) chosen
+    so that the stationary on-fraction is ``on_fraction``. With a Poisson pool the number on
+    per frame is exactly Poisson.
 
     Returns ``(group, states)``: group index (n,) and on-states (n, n_frames) bool.
     """
     expected_on = np.asarray(expected_on, dtype=np.float64)
-    p_off = 1.0 / mean_on_frames
-    p_on = p_off * on_fraction / (1.0 - on_fraction)
+    # one mean on-time for all groups, or one per group
+    mean_on = np.broadcast_to(np.asarray(mean_on_frames, dtype=np.float64), expected_on.shape)
     pool = expected_on / on_fraction
     if poisson_pool:
         n_pool = rng.poisson(pool)
@@ -244,6 +245,8 @@ def _blinking_pool(rng, expected_on, n_frames, mean_on_frames, on_fraction, pois
         n_pool = np.floor(pool).astype(np.int64) + (rng.random(pool.shape) < pool % 1.0)
     group = np.repeat(np.arange(expected_on.size), n_pool)
     n = group.size
+    p_off = 1.0 / mean_on[group]
+    p_on = p_off * on_fraction / (1.0 - on_fraction)
     states = np.empty((n, n_frames), dtype=bool)
     if n == 0 or n_frames == 0:
         return group, states
@@ -664,8 +667,12 @@ def sample_training_batch(sim: SimulationConfig, batch_size: int, rng,
                            bg_maps).astype(np.float32)
 
     # --- blinking emitters of all samples at once
-    mean_on = float(sim.mean_on_frames)
-    on_fraction = min(DEFAULT_ON_FRACTION, mean_on / (1.0 + mean_on))
+    if isinstance(sim.mean_on_frames, (list, tuple)):  # a range: log-uniform per sample
+        mean_on = _log_uniform(rng, *(float(v) for v in sim.mean_on_frames), b_n)
+    else:
+        mean_on = float(sim.mean_on_frames)
+    shortest = float(np.min(mean_on))
+    on_fraction = min(DEFAULT_ON_FRACTION, shortest / (1.0 + shortest))
     expected_on = density * _area_um2((h, w), margin, px_nm)
     group, states = _blinking_pool(rng, expected_on, c_n, mean_on, on_fraction,
                                    poisson_pool=True)
@@ -717,6 +724,8 @@ def sample_training_batch(sim: SimulationConfig, batch_size: int, rng,
                      em_gain=float(em_gain[b]), qe=float(qe[b]), read_noise=float(read_noise[b]))
         frames[b] = cam.adu_to_photons(cam.photons_to_adu(expected[b], rng))
         cameras.append(cam)
+    if c_n > 1 and sim.missing_context_fraction > 0:  # (drawn only when asked)
+        _drop_context(frames, expected, rng, sim.missing_context_fraction)
 
     # --- targets: the centre frame's emitters inside the field of view
     centre_rows = table[table["frame"] % c_n == centre]
@@ -730,6 +739,20 @@ def sample_training_batch(sim: SimulationConfig, batch_size: int, rng,
         tables.append(t)
     return TrainingBatch(frames=frames, background=bg_maps, tables=tables, cameras=cameras,
                          expected=expected, pixel_size_nm=px_nm)
+
+
+def _drop_context(frames, expected, rng, fraction):
+    """In a share ``fraction`` of the samples, replace the frames before the centre, after it,
+    or both (equally often) by copies of the centre frame, in place: what prediction feeds
+    the network at a movie's first and last frames and for a single image."""
+    b_n, c_n = frames.shape[:2]
+    centre = c_n // 2
+    side = np.where(rng.random(b_n) < fraction, rng.integers(1, 4, b_n), 0)  # 1 / 2 / 3 both
+    for b in np.nonzero(side)[0]:
+        lost = [c for c in range(c_n) if (c < centre and side[b] & 1) or
+                (c > centre and side[b] & 2)]
+        frames[b, lost] = frames[b, centre]
+        expected[b, lost] = expected[b, centre]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -491,24 +491,40 @@ STEM_WEIGHT_KEY = "vqvae.encoder.stem.0.weight"
 
 def _load_init_weights(model, src, src_cfg, cfg, path) -> None:
     """Copy ``src``'s weights into ``model`` (``--init``): same architecture, or the same
-    one grown by more ``refine_blocks`` (new blocks start as the identity) and/or by the
-    ``frame_mask`` input channel (its first-layer weights start at zero), so the grown
-    model predicts exactly what ``src`` did."""
+    one grown by more ``refine_blocks`` (new blocks start as the identity), by the
+    ``frame_mask`` input channel and/or by more ``context_frames`` (their first-layer weights
+    start at zero), so the grown model predicts exactly what ``src`` did."""
     if src_cfg == cfg:
         model.load_state_dict(src.state_dict())
         return
     same_but_grown = dataclasses.replace(src_cfg, refine_blocks=cfg.refine_blocks,
-                                         frame_mask=cfg.frame_mask) == cfg
+                                         frame_mask=cfg.frame_mask,
+                                         context_frames=cfg.context_frames) == cfg
     if (not same_but_grown or cfg.refine_blocks < src_cfg.refine_blocks
-            or (src_cfg.frame_mask and not cfg.frame_mask)):
+            or (src_cfg.frame_mask and not cfg.frame_mask)
+            or cfg.context_frames < src_cfg.context_frames):
         raise CheckpointError(path, "its model section differs from this config's "
                               "(fine-tuning needs the same architecture, or more "
-                              "model.refine_blocks, or model.frame_mask added)")
+                              "model.refine_blocks, model.context_frames, or "
+                              "model.frame_mask added)")
     state = src.state_dict()
-    if cfg.frame_mask and not src_cfg.frame_mask:
-        w = state[STEM_WEIGHT_KEY]  # (out, in, 3, 3): the mask is the last input channel
-        state[STEM_WEIGHT_KEY] = torch.cat([w, w.new_zeros(w.shape[0], 1, *w.shape[2:])], 1)
+    state[STEM_WEIGHT_KEY] = _grown_stem(state[STEM_WEIGHT_KEY], src_cfg, cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     grown = [k for k in missing if not k.startswith("transformer.refine.")]
     if grown or unexpected:  # cannot happen when only refine_blocks / frame_mask differ
         raise CheckpointError(path, f"weights do not fit this model: {grown or unexpected}")
+
+
+def _grown_stem(w, src_cfg, cfg):
+    """The first layer's weights (out, in, k, k) for ``cfg``'s input channels: per frame two
+    intensity transforms, [transform 1 of frames 0..C-1, transform 2 of frames 0..C-1, frame
+    mask]; ``src``'s frames sit at the centre of the longer context, new channels get zero."""
+    c_src, c_new = src_cfg.context_frames, cfg.context_frames
+    out = w.new_zeros(w.shape[0], 2 * c_new + int(bool(cfg.frame_mask)), *w.shape[2:])
+    shift = (c_new - c_src) // 2
+    for transform in range(2):
+        out[:, transform * c_new + shift:transform * c_new + shift + c_src] = \
+            w[:, transform * c_src:(transform + 1) * c_src]
+    if src_cfg.frame_mask:
+        out[:, -1] = w[:, -1]
+    return out

@@ -40,19 +40,20 @@ CAMERAS = (SCMOS, EMCCD)
 
 
 def draw_movie(rng, density: float, n_frames: int, camera: Camera, photons=None,
-               background=None, sigma=None, margin_px: float = 1.0):
+               background=None, sigma=None, margin_px: float = 1.0, mean_on: float = 3.0):
     """One movie with its own photons (a 5x range inside 200-10,000), background (a smooth
     map spanning part of 5-150 photons/px) and PSF sigma (0.8-2.0 px), unless given.
     The draws happen either way, so fixing one range leaves the emitters' positions as
     they were. ``margin_px``: emitters are drawn up to this far outside the frame (they
-    light its border pixels; 0: only inside, as some simulators do)."""
+    light its border pixels; 0: only inside, as some simulators do). ``mean_on``: the
+    fluorophores' mean on-time in frames (1: consecutive frames nearly independent)."""
     ph0 = float(np.exp(rng.uniform(np.log(200), np.log(2000))))
     s0 = float(rng.uniform(0.8, 1.8))
     bg = (float(rng.uniform(5, 50)), float(rng.uniform(60, 150)))
     return simulate_movie(n_frames, (40, 40), rng=rng, density_per_um2=density,
                           photons=photons or (ph0, 5 * ph0), background=background or bg,
                           sigma_px=sigma or (s0, s0 + 0.2), camera=camera, highres_factor=None,
-                          margin_px=margin_px)
+                          margin_px=margin_px, mean_on_frames=mean_on)
 
 
 def main(argv=None):
@@ -72,6 +73,9 @@ def main(argv=None):
                     help="sCMOS and EMCCD alternate by default")
     ap.add_argument("--margin", type=float, default=1.0,
                     help="emitters up to this many px outside the frame (0: inside only)")
+    ap.add_argument("--mean-on", type=float, default=3.0,
+                    help="mean on-time of the fluorophores in frames (default 3; 1: "
+                         "consecutive frames nearly independent)")
     ap.add_argument("--no-border-fit-too", action="store_true",
                     help="also a row per checkpoint without the border refit")
     ap.add_argument("--no-pair-fit-too", action="store_true",
@@ -100,7 +104,7 @@ def main(argv=None):
             cam = cameras[k % len(cameras)]
             movie = draw_movie(rng, density, a.frames, cam, a.photons and tuple(a.photons),
                                a.background and tuple(a.background), a.sigma and tuple(a.sigma),
-                               a.margin)
+                               a.margin, a.mean_on)
             t = movie.table_in_view()
             t["frame"] += k * a.frames  # one long pooled movie
             truth.append(t)

@@ -222,6 +222,22 @@ def test_compare_models_scores_every_checkpoint_on_the_same_movies(capsys, untra
         assert scores[0] == scores[1]
 
 
+def test_compare_models_draws_movies_with_the_asked_mean_on_time():
+    import compare_models
+    from run_benchmarks import SCMOS
+
+    def stays_on(mean_on):
+        """Share of emitters (by position) on in frame t that are on in frame t + 1 too."""
+        movie = compare_models.draw_movie(np.random.default_rng(5), 1.0, 40, SCMOS,
+                                          mean_on=mean_on)
+        t = movie.table
+        on = {(int(f), round(float(x), 6), round(float(y), 6))
+              for f, x, y in zip(t["frame"], t["x"], t["y"])}
+        return np.mean([(f + 1, x, y) in on for f, x, y in on if f < 39])
+
+    assert stays_on(1.0) < 0.15 < 0.6 < stays_on(3.0) < 0.8 < stays_on(20.0)
+
+
 def test_compare_models_adds_rows_without_the_border_fit_and_the_pair_fit(
         capsys, untrained_checkpoint):
     import compare_models

@@ -340,6 +340,25 @@ def test_trainable_prefixes_train_one_part_and_freeze_the_rest(tmp_path):
         make_trainer(tmp_path / "bad", tiny_config(trainable="no.such.layer"))
 
 
+def test_lr_scale_prefixes_train_their_parameters_at_a_multiple_of_the_rate(tmp_path):
+    from napari_var_emitter.training import STEM_WEIGHT_KEY
+
+    cfg = tiny_config(num_epochs=1, steps_per_epoch=3, warmup_epochs=0,
+                      lr_scale_prefixes="vqvae.encoder.stem.0", lr_scale=10.0)
+    trainer = make_trainer(tmp_path, cfg)
+    groups = trainer.optimizer.param_groups
+    stem = trainer.module.state_dict(keep_vars=True)[STEM_WEIGHT_KEY]
+    assert [len(g["params"]) for g in groups][1] == 2  # the first conv's weight and bias
+    assert any(p is stem for p in groups[1]["params"])
+    assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])
+    _run(trainer)  # the schedule keeps the ratio
+    assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])
+    with pytest.raises(ConfigError, match="lr_scale_prefixes"):
+        make_trainer(tmp_path / "bad", tiny_config(lr_scale_prefixes="no.such.layer"))
+    with pytest.raises(ConfigError, match="lr_scale"):
+        tiny_config(lr_scale=0.0)
+
+
 # -- other data sources --------------------------------------------------------------------
 
 def test_training_from_arrays_reports_localisation_metrics(tmp_path):

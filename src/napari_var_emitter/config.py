@@ -112,10 +112,19 @@ class TrainingConfig:
     #: comma-separated parameter-name prefixes to train, the rest frozen ("" = train all),
     #: e.g. "transformer.stages.2" (the 8x stage) when fine-tuning one part of a model
     trainable: str = ""
+    #: comma-separated parameter-name prefixes trained at ``lr_scale`` x the learning rate,
+    #: e.g. "vqvae.encoder.stem.0" after ``train --init`` grew a model by context frames:
+    #: their first-layer weights start at zero and move slowly at a fine-tuning rate
+    lr_scale_prefixes: str = ""
+    lr_scale: float = 1.0
 
     def trainable_prefixes(self) -> list[str]:
         """:attr:`trainable` as a list of prefixes (empty: every parameter trains)."""
-        return [p.strip() for p in self.trainable.split(",") if p.strip()]
+        return _prefixes(self.trainable)
+
+    def lr_scaled_prefixes(self) -> list[str]:
+        """:attr:`lr_scale_prefixes` as a list of prefixes."""
+        return _prefixes(self.lr_scale_prefixes)
 
     def validate(self):
         for name in ("num_epochs", "batch_size", "steps_per_epoch"):
@@ -129,6 +138,8 @@ class TrainingConfig:
             raise ConfigError("training.lr_schedule must be 'cosine' or 'constant'")
         if not self.learning_rate > 0:
             raise ConfigError("training.learning_rate must be > 0")
+        if not self.lr_scale > 0:
+            raise ConfigError("training.lr_scale must be > 0")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("training.weight_decay and training.grad_clip must be >= 0")
         if self.mixed_precision not in ("auto", "off", "fp16", "bf16"):
@@ -399,6 +410,10 @@ def _positive_pair(v, label):
     if (not isinstance(v, (list, tuple)) or len(v) != 2
             or any(not isinstance(a, int) or isinstance(a, bool) or a < 1 for a in v)):
         raise ConfigError(f"{label} must be two positive integers [H, W], got {v!r}")
+
+
+def _prefixes(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
 
 
 def _range(v, label):

@@ -108,7 +108,7 @@ class Trainer:
         self.model = VarEmitterNet(self.config.model).to(self.device)
         self.factors = list(self.config.model.factors)
         self.loss_fn = VarEmitterLoss(self.config.loss, self.factors)
-        self.optimizer = torch.optim.AdamW(self._trainable_parameters(tr),
+        self.optimizer = torch.optim.AdamW(self._parameter_groups(tr),
                                            lr=tr.learning_rate, weight_decay=tr.weight_decay)
         self.total_steps = tr.num_epochs * tr.steps_per_epoch
         warm = max(1, min(self.total_steps // 20, 500))
@@ -177,6 +177,25 @@ class Trainer:
             raise ConfigError(f"training.trainable {tr.trainable!r} matches no parameter of "
                               "the model (names look like 'transformer.stages.2.head.weight')")
         return chosen
+
+    def _parameter_groups(self, tr) -> list[dict]:
+        """The trainable parameters as optimiser groups: those under
+        ``training.lr_scale_prefixes`` at ``lr_scale`` x the learning rate, the rest at it
+        (the schedule multiplies every group's rate alike)."""
+        params = self._trainable_parameters(tr)
+        prefixes = tr.lr_scaled_prefixes()
+        if not prefixes:
+            return [{"params": params}]
+        chosen = {id(p) for name, p in self.model.named_parameters()
+                  if any(name.startswith(pre) for pre in prefixes)}
+        scaled = [p for p in params if id(p) in chosen]
+        if not scaled:
+            raise ConfigError(f"training.lr_scale_prefixes {tr.lr_scale_prefixes!r} matches no "
+                              "trainable parameter of the model (names look like "
+                              "'vqvae.encoder.stem.0.weight')")
+        rest = [p for p in params if id(p) not in chosen]
+        boosted = {"params": scaled, "lr": tr.learning_rate * tr.lr_scale}
+        return [{"params": rest}, boosted] if rest else [boosted]
 
     # -- public API -------------------------------------------------------------------
     def cancel(self) -> None:

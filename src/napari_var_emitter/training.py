@@ -530,7 +530,7 @@ def _load_init_weights(model, src, src_cfg, cfg, path) -> None:
     state[STEM_WEIGHT_KEY] = _grown_stem(state[STEM_WEIGHT_KEY], src_cfg, cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     grown = [k for k in missing if not k.startswith("transformer.refine.")]
-    if grown or unexpected:  # cannot happen when only refine_blocks / frame_mask differ
+    if grown or unexpected:  # cannot happen when only the growable keys differ
         raise CheckpointError(path, f"weights do not fit this model: {grown or unexpected}")
 
 

@@ -233,6 +233,29 @@ def test_cancel_leaves_a_resumable_checkpoint_and_resume_is_exact(tmp_path):
             assert a[k] == pytest.approx(b[k], rel=1e-5, nan_ok=True), k
 
 
+def test_stop_at_step_ends_the_run_where_a_cancel_would_with_the_full_schedule(tmp_path):
+    """A recipe can describe a phase that was stopped by hand (training.stop_at_step): the
+    run ends at that step with a checkpoint, on the full schedule's learning rate."""
+    cancelled = make_trainer(tmp_path / "cancelled", tiny_config(num_epochs=3, steps_per_epoch=4))
+    assert _run(cancelled, cancel_at=6).kind == "cancelled"
+    stopped = make_trainer(tmp_path / "stopped",
+                           tiny_config(num_epochs=3, steps_per_epoch=4, stop_at_step=6))
+    assert stopped.end_step == 6 and stopped.total_steps == 12
+    events = list(stopped.events())
+    assert events[-1].kind == "done" and events[-1].step == 6
+    assert [e.kind for e in events].count("epoch") == 1
+    assert {e.total_steps for e in events} == {6}  # progress bars count to the stop
+    ckpt = load_checkpoint(tmp_path / "stopped" / "last_model.pth")
+    assert ckpt["step"] == 6
+    want, got = state(cancelled), state(stopped)
+    for k in want:
+        assert torch.allclose(got[k].float(), want[k].float(), rtol=1e-5, atol=1e-6), k
+    assert (stopped.optimizer.param_groups[0]["lr"]
+            == pytest.approx(cancelled.optimizer.param_groups[0]["lr"]))
+    with pytest.raises(ConfigError, match="stop_at_step"):
+        tiny_config(stop_at_step=-1)
+
+
 def test_init_starts_a_fine_tune_from_given_weights(tmp_path):
     cfg = tiny_config(num_epochs=1, steps_per_epoch=2)
     first = make_trainer(tmp_path / "a", cfg)

@@ -240,7 +240,7 @@ def cmd_train(a) -> int:
         trainer.cancel()
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = _progress_bar(trainer.total_steps, trainer.step, trainer.is_main)
+    bar = _progress_bar(trainer.end_step, trainer.step, trainer.is_main)
     cancelled = False
     try:
         for ev in trainer.events():

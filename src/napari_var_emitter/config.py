@@ -117,6 +117,10 @@ class TrainingConfig:
     #: their first-layer weights start at zero and move slowly at a fine-tuning rate
     lr_scale_prefixes: str = ""
     lr_scale: float = 1.0
+    #: end the run at this step (0: at the schedule's end, num_epochs x steps_per_epoch);
+    #: the learning-rate schedule keeps its full length, so a recipe can describe a phase
+    #: that was stopped early, and a rerun stops where it did
+    stop_at_step: int = 0
 
     def trainable_prefixes(self) -> list[str]:
         """:attr:`trainable` as a list of prefixes (empty: every parameter trains)."""
@@ -140,6 +144,9 @@ class TrainingConfig:
             raise ConfigError("training.learning_rate must be > 0")
         if not self.lr_scale > 0:
             raise ConfigError("training.lr_scale must be > 0")
+        if self.stop_at_step < 0:
+            raise ConfigError(f"training.stop_at_step must be >= 0 (0: run the whole schedule), "
+                              f"got {self.stop_at_step}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("training.weight_decay and training.grad_clip must be >= 0")
         if self.mixed_precision not in ("auto", "off", "fp16", "bf16"):

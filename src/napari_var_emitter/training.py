@@ -111,6 +111,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self._parameter_groups(tr),
                                            lr=tr.learning_rate, weight_decay=tr.weight_decay)
         self.total_steps = tr.num_epochs * tr.steps_per_epoch
+        #: where this run ends: the schedule's end unless training.stop_at_step comes first
+        self.end_step = (min(tr.stop_at_step, self.total_steps) if tr.stop_at_step
+                         else self.total_steps)
         warm = max(1, min(self.total_steps // 20, 500))
 
         def lr_lambda(step):
@@ -213,17 +216,17 @@ class Trainer:
         """Generator of :class:`TrainEvent`; the training happens while it is iterated."""
         tr = self.config.training
         try:
-            while self.step < self.total_steps:
+            while self.step < self.end_step:
                 epoch = self.step // tr.steps_per_epoch
                 ramp = scale_ramp(self.factors, self.step / tr.steps_per_epoch, self.config)
                 losses = self._train_step(ramp)
                 self.step += 1
                 if self.step % self.log_every == 0 or self.step == 1:
                     self._log_scalars("train", losses, self.step)
-                yield TrainEvent("step", epoch, self.step, self.total_steps, losses)
+                yield TrainEvent("step", epoch, self.step, self.end_step, losses)
                 if self._cancel_requested():
                     self._save(self.last_checkpoint, {})
-                    yield TrainEvent("cancelled", epoch, self.step, self.total_steps, losses)
+                    yield TrainEvent("cancelled", epoch, self.step, self.end_step, losses)
                     return
                 if self.step % tr.steps_per_epoch == 0:
                     metrics = self.validate()
@@ -235,10 +238,12 @@ class Trainer:
                             self.best_metric = score
                             self._save(self.best_checkpoint, metrics)
                         self._save(self.last_checkpoint, metrics)
-                    yield TrainEvent("epoch", epoch + 1, self.step, self.total_steps, losses,
+                    yield TrainEvent("epoch", epoch + 1, self.step, self.end_step, losses,
                                      metrics)
+            if self.is_main and self.step % tr.steps_per_epoch and self.step == self.end_step:
+                self._save(self.last_checkpoint, {})  # stopped inside an epoch (stop_at_step)
             yield TrainEvent("done", self.step // tr.steps_per_epoch, self.step,
-                             self.total_steps, {}, self.history[-1] if self.history else {})
+                             self.end_step, {}, self.history[-1] if self.history else {})
         finally:
             if self.writer is not None:
                 self.writer.flush()

@@ -410,3 +410,9 @@ def test_gpu_round_sizes_its_phases_from_the_probe_and_keeps_the_recipes_rate(tm
     # and var-emitter train accepts it
     from napari_var_emitter.config import load_config
     assert load_config(out).training.batch_size == 512
+    # a recipe stopped early on the CPU (stop_at_step) runs its whole sized schedule here
+    stopped = BENCH / "bundled_model" / "v12_q_context3.json"
+    assert json.loads(stopped.read_text())["training"]["stop_at_step"] > 0
+    out = gpu_round.phase_config(str(stopped), 512, 12, 3652, 10, 1.0, 7,
+                                 str(tmp_path / "context.json"))
+    assert load_config(out).training.stop_at_step == 0

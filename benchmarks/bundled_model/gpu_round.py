@@ -60,6 +60,7 @@ def phase_config(recipe: str, batch: int, workers: int, steps: int, epochs: int,
     tr["num_epochs"] = epochs
     tr["steps_per_epoch"] = max(1, steps // epochs)
     tr["seed"] = seed
+    tr["stop_at_step"] = 0  # the GPU's minutes size the run; a CPU phase's hand stop does not
     with open(out_path, "w") as f:
         json.dump(cfg, f, indent=2)
     return out_path

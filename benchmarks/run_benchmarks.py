@@ -234,10 +234,12 @@ def _ours_worker(job_path: str) -> int:
     import torch
 
     from napari_var_emitter.camera import Camera
-    from napari_var_emitter.inference import Predictor
+    from napari_var_emitter.inference import Predictor, resolve_device, reuse_freed_memory
 
     with open(job_path) as f:
         job = json.load(f)
+    if resolve_device(job["device"]).type == "cpu":
+        reuse_freed_memory()  # as `var-emitter predict` does
     t0 = time.perf_counter()
     pred = (Predictor.from_checkpoint(job["checkpoint"], device=job["device"])
             if job["checkpoint"] else Predictor.from_pretrained(device=job["device"]))
@@ -826,7 +828,8 @@ def build_report(results: list, speed: dict | None, meta: dict) -> str:
         rows.append(row)
     L += _table(hdr, rows)
     L.append("Ours: `Predictor.predict` end to end on the in-memory ADU movie (ADU -> photons, "
-             "tiling, network, decoding), after a warm-up call; peak RSS = `VmHWM` of the "
+             "tiling, network, decoding), after a warm-up call, with freed memory kept for reuse "
+             "as `var-emitter predict` does (`reuse_freed_memory`); peak RSS = `VmHWM` of the "
              "fresh worker process (Python + torch + model + movie). Picasso: "
              "`localize_frames` at the tuned threshold (identification + gaussmle fit), numba "
              "already compiled; peak RSS = psutil polling of its long-lived worker during the "

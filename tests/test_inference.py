@@ -482,3 +482,33 @@ def test_each_torchrun_rank_gets_its_own_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert process_device("auto") == "auto"  # one GPU: every rank shares it
+
+
+def test_cpu_predictor_keeps_weights_channels_last_with_the_same_detections():
+    from napari_var_emitter.simulation import simulate_movie
+
+    pred = Predictor.from_pretrained(device="cpu")
+    convs = [m for m in pred.model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    movie = simulate_movie(6, (40, 56), rng=3, density_per_um2=1.0, highres_factor=None)
+    fast = pred.predict(movie.adu, camera=movie.camera, maps=True)
+    pred.model.to(memory_format=torch.contiguous_format)
+    plain = pred.predict(movie.adu, camera=movie.camera, maps=True)
+    assert len(fast.localizations) == len(plain.localizations) > 10
+    for name in ("x", "y", "photons"):
+        np.testing.assert_allclose(fast.localizations[name], plain.localizations[name],
+                                   rtol=1e-3, atol=1e-3)
+    for f in fast.maps:
+        np.testing.assert_allclose(fast.maps[f]["probability"], plain.maps[f]["probability"],
+                                   atol=1e-4)
+
+
+def test_freed_memory_is_kept_for_reuse_on_glibc_only(monkeypatch):
+    import sys
+
+    from napari_var_emitter.inference import reuse_freed_memory
+
+    if sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver()):
+        assert reuse_freed_memory() is True
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert reuse_freed_memory() is False

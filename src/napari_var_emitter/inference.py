@@ -145,6 +145,32 @@ def default_batch_size(device) -> int:
     return 1024 if torch.device(device).type == "cuda" else 64
 
 
+def reuse_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the system.
+
+    Each forward pass allocates and frees activation tensors of tens of MB. By default glibc
+    serves such blocks with ``mmap`` and unmaps them on free, so the next batch page-faults
+    the same memory in again (system time was ~15 % of ``predict``'s wall time on a 2-core
+    VM). Raising the mmap and trim thresholds keeps them on the heap: ``predict`` of 2,000
+    40x40 frames went from 219-229 to 232-252 frames/s (peak RSS +15-25 MB, still flat in
+    the number of frames). Process-wide, so only entry points call it (``var-emitter
+    predict``), never the library on import. Returns False where it does not apply (not
+    glibc).
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl or another C library
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = mallopt(m_mmap_threshold, 1 << 30) == 1
+    return bool(mallopt(m_trim_threshold, (1 << 31) - 1) == 1 and ok)
+
+
 def bundled_checkpoint_path() -> str:
     """Path of the model shipped inside the package."""
     return str(resources.files("napari_var_emitter") / "weights" / BUNDLED_WEIGHTS)
@@ -338,6 +364,11 @@ class Predictor:
 
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
+        if self.device.type == "cpu":
+            # oneDNN's convolutions work in channels-last layout: with the weights stored
+            # that way no layer reorders them on every call (2-core Xeon, bundled model:
+            # 219 -> 229 frames/s in `predict`; outputs equal to 2e-6 in probability)
+            self.model.to(memory_format=torch.channels_last)
         self.config = config
         self.model_id = model_id
         #: ``{"threshold": float | None, "sigma_scale": (sx, sy), "tta": {...} | None}``

@@ -152,8 +152,9 @@ def reuse_freed_memory() -> bool:
     serves such blocks with ``mmap`` and unmaps them on free, so the next batch page-faults
     the same memory in again (system time was ~15 % of ``predict``'s wall time on a 2-core
     VM). Raising the mmap and trim thresholds keeps them on the heap: ``predict`` of 2,000
-    40x40 frames went from 219-229 to 232-252 frames/s (peak RSS +15-25 MB, still flat in
-    the number of frames). Process-wide, so only entry points call it (``var-emitter
+    40x40 frames went from 229 to 252 frames/s in one process (channels-last weights both
+    times), 151 to 170 end to end with them; peak RSS about 35 MB higher, still flat in the
+    number of frames. Process-wide, so only entry points call it (``var-emitter
     predict``), never the library on import. Returns False where it does not apply (not
     glibc).
     """

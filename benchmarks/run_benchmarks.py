@@ -234,16 +234,16 @@ def _ours_worker(job_path: str) -> int:
     import torch
 
     from napari_var_emitter.camera import Camera
-    from napari_var_emitter.inference import Predictor, resolve_device, reuse_freed_memory
+    from napari_var_emitter.inference import Predictor, reuse_freed_memory
 
     with open(job_path) as f:
         job = json.load(f)
-    if resolve_device(job["device"]).type == "cpu":
-        reuse_freed_memory()  # as `var-emitter predict` does
     t0 = time.perf_counter()
     pred = (Predictor.from_checkpoint(job["checkpoint"], device=job["device"])
             if job["checkpoint"] else Predictor.from_pretrained(device=job["device"]))
     load_s = time.perf_counter() - t0
+    if pred.device.type == "cpu":
+        reuse_freed_memory()  # as `var-emitter predict` does
     adu = np.load(job["movie"])
     camera = Camera(**job["camera"])
     kw = dict(camera=camera, pixel_size_nm=job["pixel_size_nm"], maps=False,

@@ -504,11 +504,12 @@ def test_cpu_predictor_keeps_weights_channels_last_with_the_same_detections():
 
 
 def test_freed_memory_is_kept_for_reuse_on_glibc_only(monkeypatch):
+    import platform
     import sys
 
     from napari_var_emitter.inference import reuse_freed_memory
 
-    if sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver()):
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert reuse_freed_memory() is True
     monkeypatch.setattr(sys, "platform", "darwin")
     assert reuse_freed_memory() is False

@@ -319,7 +319,7 @@ def _cmd_predict(a) -> int:
     from .camera import Camera
     from .config import load_config
     from .errors import ConfigError, InputFileError
-    from .inference import Predictor, process_device, resolve_device, reuse_freed_memory
+    from .inference import Predictor, process_device, reuse_freed_memory
 
     inputs = list(a.inputs)
     if a.sample:
@@ -351,10 +351,10 @@ def _cmd_predict(a) -> int:
     camera = Camera(baseline=a.baseline, e_per_adu=a.e_per_adu, em_gain=a.em_gain, qe=a.qe)
     _check_writable(a.output_dir)
     device = process_device(a.device)  # under torchrun: one GPU per rank
-    if resolve_device(device).type == "cpu":
-        reuse_freed_memory()
     predictor = (Predictor.from_checkpoint(a.checkpoint, device=device) if a.checkpoint
                  else Predictor.from_pretrained(device=device))
+    if predictor.device.type == "cpu":
+        reuse_freed_memory()
     if a.config:
         cfg = load_config(a.config)
         if cfg.model != predictor.config.model:

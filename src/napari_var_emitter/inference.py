@@ -167,9 +167,10 @@ def reuse_freed_memory() -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # musl or another C library
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = mallopt(m_mmap_threshold, 1 << 30) == 1
-    return bool(mallopt(m_trim_threshold, (1 << 31) - 1) == 1 and ok)
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's option numbers (malloc.h)
+    done = [mallopt(option, value) == 1 for option, value in
+            ((m_mmap_threshold, 1 << 30), (m_trim_threshold, (1 << 31) - 1))]
+    return all(done)
 
 
 def bundled_checkpoint_path() -> str:

@@ -237,6 +237,24 @@ def test_vector_quantizer_lookup_straight_through_and_stats():
     assert info["loss"].item() == pytest.approx(0.25 * ((z - q) ** 2).mean().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("side,size", [((1, 1), (10, 10)), ((2, 3), (10, 12)),
+                                       ((5, 5), (10, 10)), ((3, 2), (7, 9))])
+def test_code_map_upsampling_is_bicubic_interpolation(side, size):
+    """The matrix product that upsamples code maps gives what F.interpolate gives, in
+    value and in gradient (training goes through it)."""
+    from napari_var_emitter.model.vqvae import upsample_bicubic
+
+    x = torch.randn(3, 4, *side, requires_grad=True)
+    ref = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False)
+    out = upsample_bicubic(x, size)
+    assert out.shape == (3, 4, *size)
+    assert torch.allclose(out, ref, atol=1e-5)
+    weights = torch.randn_like(ref)
+    g_ref, = torch.autograd.grad((ref * weights).sum(), x)
+    g_out, = torch.autograd.grad((out * weights).sum(), x)
+    assert torch.allclose(g_out, g_ref, atol=1e-5)
+
+
 def test_vector_quantizer_ema_restarts_dead_codes_instead_of_collapsing():
     """Clustered data, codebook all started on one cluster: restarts spread the codes."""
     g = torch.Generator().manual_seed(0)

@@ -104,6 +104,30 @@ def scale_sides(vq_scales, reference_grid, grid) -> list[tuple[int, int]]:
     return sides
 
 
+_BICUBIC_CACHE: dict = {}
+
+
+def upsample_bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bicubic", align_corners=False)`` as one matrix product.
+
+    Bicubic upsampling is a fixed linear map from the ``sh x sw`` inputs to the ``h x w``
+    outputs; on a CPU, interpolating the tiny code maps (1x1 to 5x5 -> 10x10) cost 2 ms per
+    scale for a batch of 64 tiles (3 % of a forward pass) where the product costs 0.05 ms.
+    The matrix is the interpolation of the identity, so the result is the same up to
+    rounding (1e-6); it is cached per shape, device and dtype.
+    """
+    b, d, sh, sw = x.shape
+    h, w = size
+    key = (sh, sw, h, w, x.device, x.dtype)
+    matrix = _BICUBIC_CACHE.get(key)
+    if matrix is None:
+        eye = torch.eye(sh * sw, device=x.device, dtype=torch.float32).reshape(-1, 1, sh, sw)
+        matrix = F.interpolate(eye, size=(h, w), mode="bicubic", align_corners=False)
+        matrix = matrix.reshape(sh * sw, h * w).to(x.dtype)
+        _BICUBIC_CACHE[key] = matrix
+    return (x.reshape(b, d, sh * sw) @ matrix).reshape(b, d, h, w)
+
+
 class MultiScaleVQVAE(nn.Module):
     """Encoder + multi-scale residual vector quantisation + frame decoder.
 
@@ -171,7 +195,7 @@ class MultiScaleVQVAE(nn.Module):
             idx = vq.lookup(z_flat)
             q = vq.embed(idx).reshape(b, sh, sw, d).permute(0, 3, 1, 2)
             if not full:
-                q = F.interpolate(q, size=(h, w), mode="bicubic", align_corners=False)
+                q = upsample_bicubic(q, (h, w))
             step = phi(q).float()
             f_hat = f_hat + step
             rest = rest - step.detach()

@@ -416,3 +416,24 @@ def test_gpu_round_sizes_its_phases_from_the_probe_and_keeps_the_recipes_rate(tm
     out = gpu_round.phase_config(str(stopped), 512, 12, 3652, 10, 1.0, 7,
                                  str(tmp_path / "context.json"))
     assert load_config(out).training.stop_at_step == 0
+
+
+def test_operating_range_scores_each_row_at_each_threshold(capsys):
+    """The bundled model on one small movie per row: a higher threshold keeps a subset of
+    the detections, so it finds fewer emitters and is more precise."""
+    import operating_range
+
+    operating_range.main(["bundled", "--movies", "1", "--frames", "6", "--rows",
+                          "PSF sigma 0.8-1.0;photons 2,000", "--thresholds", "0.35,0.9"])
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| PSF") or line.startswith("| photons")]
+    assert [(r[0], r[2]) for r in rows] == [("PSF sigma 0.8-1.0 px", "0.35"),
+                                            ("PSF sigma 0.8-1.0 px", "0.9"),
+                                            ("photons 2,000-10,000", "0.35"),
+                                            ("photons 2,000-10,000", "0.9")]
+    for low, high in (rows[:2], rows[2:]):
+        assert 0.7 < float(low[1]) < 1.3  # the spot fits' median PSF width of the movie
+        assert 0.5 < float(low[3]) <= 1.0  # Jaccard of the bundled model
+        assert float(high[4]) < float(low[4])  # recall
+        assert float(high[5]) > float(low[5])  # precision

@@ -388,10 +388,11 @@ def test_predict_tta_records_the_mode_and_uses_the_symmetry_average(tmp_path,
     np.testing.assert_allclose(tta_prob, np.asarray(expected), atol=1e-5)
 
 
-def test_predict_without_the_fits_is_recorded_and_reproduces_the_plain_network(tmp_path):
+def test_predict_without_the_fits_is_recorded_and_reproduces_the_plain_network(tmp_path,
+                                                                              capsys):
     """--no-border-fit --no-pair-fit: predictions.h5 says so, and the table is the network's
     own decoding (the bundled model on frames with spots cut by the border, where the two
-    differ)."""
+    differ). Only the fits measure the PSF width that the summary line reports."""
     import h5py
 
     from napari_var_emitter.camera import Camera
@@ -405,7 +406,12 @@ def test_predict_without_the_fits_is_recorded_and_reproduces_the_plain_network(t
     common = ["predict", str(tmp_path / "s.tif"), "--device", "cpu", "--no-figures"]
     assert main([*common, "--output_dir", str(tmp_path / "plain"), "--no-border-fit",
                  "--no-pair-fit"]) == 0
+    plain_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert main([*common, "--output_dir", str(tmp_path / "fit")]) == 0
+    fit_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "PSF sigma" not in plain_line
+    width = float(fit_line.split("PSF sigma ")[1].split(" px")[0])
+    assert 1.0 < width < 1.6  # the simulator's default PSF, sigma 1.0-1.5 px
     with h5py.File(tmp_path / "plain" / "s" / "predictions.h5") as f, \
             h5py.File(tmp_path / "fit" / "s" / "predictions.h5") as g:
         assert not f.attrs["border_fit"] and g.attrs["border_fit"]

@@ -21,7 +21,7 @@ from napari_var_emitter.config import Config
 from napari_var_emitter.errors import Cancelled, InputFileError
 from napari_var_emitter.inference import (MAP_DEFINED_PROBABILITY, MAP_NAMES, PredictionResult, Predictor,
                                           merge_frame_detections, tile_grid)
-from napari_var_emitter.table import concat_tables, make_table
+from napari_var_emitter.table import concat_tables, empty_table, make_table
 
 
 # -- a network whose detections we dictate --------------------------------------------------
@@ -435,6 +435,22 @@ def test_bundled_model_finds_both_emitters_of_close_pairs():
     assert close.sum() > 200
     assert found[close].mean() > 0.72
     assert found[nearest >= 4].mean() > 0.95
+
+
+@pytest.mark.parametrize("sigma", [(0.85, 0.95), (1.8, 1.9)])
+def test_result_reports_the_psf_width_of_the_movie(sigma):
+    """What a user reads to pick a threshold for their data (BENCHMARKS.md, session 15):
+    the median fitted PSF width follows the microscope's, narrow or wide."""
+    from napari_var_emitter.simulation import simulate_movie
+
+    movie = simulate_movie(8, (40, 40), rng=3, density_per_um2=1.0, photons=(1000, 5000),
+                           sigma_px=sigma, highres_factor=None)
+    res = Predictor.from_pretrained(device="cpu").predict(movie.adu, maps=False)
+    assert len(res.localizations) > 50
+    assert res.psf_sigma_px == pytest.approx(np.mean(sigma), rel=0.1)
+    empty = PredictionResult(localizations=empty_table(0), shape=(1, 40, 40),
+                             pixel_size_nm=100.0, factors=[2], loc_factor=2)
+    assert math.isnan(empty.psf_sigma_px)
 
 
 def test_bundled_model_maps_at_every_scale_locate_the_emitters():

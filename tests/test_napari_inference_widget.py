@@ -343,6 +343,10 @@ def test_bundled_model_finds_the_sparse_emitters(viewer_with_plugin, qtbot):
     calibrated = Predictor.from_pretrained(device="cpu").default_threshold
     assert widget.status.value.endswith(f"threshold {calibrated:.3g}")
     assert widget.threshold.value == pytest.approx(calibrated)
+    # the PSF width the fits measured (what a user reads to choose a threshold)
+    width = float(widget.status.value.split("PSF sigma ")[1].split(" px")[0])
+    assert width == pytest.approx(widget.last_run.result.psf_sigma_px, abs=0.005)
+    assert 0.8 < width < 2.0
     truth_layer = viewer.layers["sparse emitters ground truth"]
     peaks = viewer.layers["VAR sparse emitters peaks"]
     from napari_var_emitter._napari.layers import table_from_points

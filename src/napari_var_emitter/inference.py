@@ -85,6 +85,16 @@ class PredictionResult:
     threshold: float = 0.5
     settings: dict = field(default_factory=dict)
 
+    @property
+    def psf_sigma_px(self) -> float:
+        """Median PSF sigma (input px) the spot fits found for the detections (``sigma``),
+        NaN when none was fitted. A property of the microscope: with a wide PSF (1.5 px or
+        more) and up to about 2 emitters/um^2 a higher threshold (0.5) is more accurate
+        (BENCHMARKS.md, "Session 15")."""
+        s = self.localizations["sigma"]
+        s = s[np.isfinite(s)]
+        return float(np.median(s)) if len(s) else float("nan")
+
 
 #: detection threshold of a model without a calibrated one
 DEFAULT_THRESHOLD = 0.5

@@ -11,6 +11,7 @@ shown lazily, so long stacks do not fill the memory.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -358,8 +359,10 @@ class InferenceWidget(QWidget):
         self._runs[geometry.name] = run
         self.last_run = run
         n = len(result.localizations)
+        sigma = result.psf_sigma_px
+        psf = f"PSF sigma {sigma:.2f} px, " if math.isfinite(sigma) else ""
         self.status.value = (f"done: {n} localisations in {geometry.n_frames} frame(s), "
-                             f"threshold {result.threshold:.3g}")
+                             f"{psf}threshold {result.threshold:.3g}")
         if self.model_threshold.value:  # show the calibrated threshold that was used
             self.threshold.value = result.threshold
         self.export_csv_button.enabled = True

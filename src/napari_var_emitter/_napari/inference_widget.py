@@ -119,8 +119,13 @@ class InferenceWidget(QWidget):
         self.pixel_size, self.baseline, self.e_per_adu, self.em_gain, self.qe = \
             self.camera_form.widgets
         self.model_threshold = CheckBox(text="model's calibrated threshold", value=True)
-        self.threshold = FloatSpinBox(label="Threshold", min=0.01, max=1.0, step=0.05,
-                                      value=0.5, enabled=False)
+        # the guidance measured in BENCHMARKS.md (session 15), by what the status line shows
+        self.threshold = FloatSpinBox(
+            label="Threshold", min=0.01, max=1.0, step=0.05, value=0.5, enabled=False,
+            tooltip="detection probability a localisation needs. Higher: fewer false "
+                    "detections, more misses. 0.5 suits a wide PSF (the status line's PSF "
+                    "sigma 1.5 px or more) or sparse emitters; keep the model's own on "
+                    "crowded frames and filaments")
         self.threshold.native.setDecimals(3)  # calibrated thresholds come in steps of 0.025
         # 64 frames per pass on a CPU, 1024 on a GPU (the command line's defaults)
         self.batch_size = SpinBox(label="Batch size", min=1, max=4096,

@@ -659,9 +659,18 @@ def build_report(results: list, speed: dict | None, meta: dict) -> str:
     if meta["threshold"] is not None:
         thr = f"{meta['threshold']} (given)"
     elif cal.get("threshold"):
-        thr = (f"{cal['threshold']} (the model's calibrated threshold; uncertainties x "
-               f"{cal['sigma_scale'][0]:.3f} / {cal['sigma_scale'][1]:.3f} in x / y, "
-               "from `var-emitter calibrate` on its own simulated scenes, not these)")
+        power = cal.get("sigma_power") or (1.0, 1.0)
+        if tuple(power) == (1.0, 1.0):
+            unc = (f"uncertainties x {cal['sigma_scale'][0]:.3f} / {cal['sigma_scale'][1]:.3f} "
+                   "in x / y")
+        else:
+            ref = cal["sigma_reference_px"]
+            unc = ("uncertainties s -> scale * ref * (s / ref) ** power with scale "
+                   f"{cal['sigma_scale'][0]:.3f} / {cal['sigma_scale'][1]:.3f}, power "
+                   f"{power[0]:.2f} / {power[1]:.2f}, ref {ref[0]:.3f} / {ref[1]:.3f} px in "
+                   "x / y")
+        thr = (f"{cal['threshold']} (the model's calibrated threshold; {unc}, from "
+               "`var-emitter calibrate` on its own simulated scenes, not these)")
     else:
         thr = "0.5 (uncalibrated model)"
     tta = ", tta=True" if meta.get("tta") else ""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from napari_var_emitter.calibration import (THRESHOLD_GRID, CalibrationScene, apply_calibration,
-                                            calibrate, calibration_from_runs)
+                                            calibrate, calibrated_sigma, calibration_from_runs)
 from napari_var_emitter.checkpoint import load_checkpoint
 from napari_var_emitter.cli import main
 from napari_var_emitter.inference import Predictor, bundled_checkpoint_path
@@ -59,6 +59,37 @@ def test_every_scene_weighs_the_same_in_the_uncertainty_scale():
                                                                               rel=0.1)
 
 
+def test_uncertainty_power_spreads_sigmas_that_span_too_narrow_a_range():
+    """Errors that grow as sigma^1.5 (what v0.8 does between sparse and crowded scenes):
+    one scale leaves the scenes at std(error / sigma) 0.7 and 1.4; the power makes every
+    scene calibrated."""
+    rng = np.random.default_rng(2)
+    uncs = (0.05, 0.1, 0.2)
+    runs = [synthetic_run(rng, n_frames=150, unc_px=u, err_px=0.1 * (u / 0.1) ** 1.5)
+            for u in uncs]
+    raw = [r["raw_calibration"][0] for r in calibration_from_runs(runs).per_scene]
+    assert raw == pytest.approx([0.71, 1.0, 1.41], rel=0.1)
+    cal = calibration_from_runs(runs)
+    assert cal.sigma_power == pytest.approx((1.5, 1.5), abs=0.1)
+    assert cal.sigma_reference_px == pytest.approx((0.1, 0.1))  # the median uncertainty
+    for (truth, locs), u in zip(runs, uncs):
+        ti, pi = match_tables_of(truth, locs[locs["prob"] >= cal.threshold])
+        for i, axis in enumerate("xy"):
+            sigma = calibrated_sigma(np.full(len(pi), u), cal.sigma_scale[i], cal.sigma_power[i],
+                                     cal.sigma_reference_px[i])
+            err = locs[locs["prob"] >= cal.threshold][axis][pi] - truth[axis][ti]
+            assert np.std(err / sigma) == pytest.approx(1.0, rel=0.1)
+    # sigmas already calibrated need no power
+    flat = [synthetic_run(rng, n_frames=150, unc_px=u, err_px=u) for u in uncs]
+    assert calibration_from_runs(flat).sigma_power == pytest.approx((1.0, 1.0), abs=0.1)
+
+
+def match_tables_of(truth, locs):
+    from napari_var_emitter.metrics import match_tables
+
+    return match_tables(truth, locs, 250.0, 100.0)
+
+
 def test_calibration_is_stored_in_the_checkpoint_and_used_by_the_predictor(tmp_path):
     src = bundled_checkpoint_path()
     out = tmp_path / "calibrated.pth"
@@ -81,8 +112,10 @@ def test_calibration_is_stored_in_the_checkpoint_and_used_by_the_predictor(tmp_p
     raw_locs = raw_res.localizations
     assert len(used) == len(raw_locs) > 0
     np.testing.assert_allclose(used["x"], raw_locs["x"])
-    np.testing.assert_allclose(used["unc_x"], raw_locs["unc_x"] * cal.sigma_scale[0], rtol=1e-5)
-    np.testing.assert_allclose(used["unc_y"], raw_locs["unc_y"] * cal.sigma_scale[1], rtol=1e-5)
+    for i, axis in enumerate("xy"):  # the decoded uncertainties are calibrated
+        expected = calibrated_sigma(raw_locs["unc_" + axis], cal.sigma_scale[i],
+                                    cal.sigma_power[i], cal.sigma_reference_px[i])
+        np.testing.assert_allclose(used["unc_" + axis], expected, rtol=1e-5)
 
     # symmetry averaging has its own calibration, stored beside the plain one and used by
     # predict(tta=True)
@@ -93,8 +126,10 @@ def test_calibration_is_stored_in_the_checkpoint_and_used_by_the_predictor(tmp_p
     raw_tta = pred.predict(stack, maps=False, tta=True, threshold=cal.tta.threshold,
                            calibrated=False).localizations
     assert with_tta.threshold == cal.tta.threshold
-    np.testing.assert_allclose(with_tta.localizations["unc_x"],
-                               raw_tta["unc_x"] * cal.tta.sigma_scale[0], rtol=1e-5)
+    np.testing.assert_allclose(
+        with_tta.localizations["unc_x"],
+        calibrated_sigma(raw_tta["unc_x"], cal.tta.sigma_scale[0], cal.tta.sigma_power[0],
+                         cal.tta.sigma_reference_px[0]), rtol=1e-5)
 
 
 def test_calibrate_command_writes_a_copy_and_reports_json(tmp_path, capsys):
@@ -117,6 +152,23 @@ def test_bad_stored_calibration_is_ignored(untrained_checkpoint, tmp_path):
     torch.save(ckpt, path)
     pred = Predictor.from_checkpoint(path, device="cpu")
     assert pred.default_threshold == 0.5 and pred.calibration["sigma_scale"] == (1.0, 1.0)
+    # a power without its reference (or a bad one) would rescale every sigma: ignored
+    for cal in ({"sigma_scale": [0.9, 0.9], "sigma_power": [1.3, 1.3]},
+                {"sigma_scale": [0.9, 0.9], "sigma_power": [1.3, -1.0],
+                 "sigma_reference_px": [0.2, 0.2]}):
+        ckpt["calibration"] = cal
+        torch.save(ckpt, path)
+        got = Predictor.from_checkpoint(path, device="cpu").calibration
+        assert got["sigma_scale"] == (0.9, 0.9)
+        assert got["sigma_power"] == got["sigma_reference_px"] == (1.0, 1.0)
+    ckpt["calibration"] = {"sigma_scale": [0.9, 0.8], "sigma_power": [1.3, 1.2],
+                           "sigma_reference_px": [0.2, 0.25]}
+    torch.save(ckpt, path)
+    got = Predictor.from_checkpoint(path, device="cpu").calibration
+    assert (got["sigma_power"], got["sigma_reference_px"]) == ((1.3, 1.2), (0.2, 0.25))
+    ckpt["calibration"] = {"threshold": 7.0, "sigma_scale": [float("nan"), 1.0]}
+    torch.save(ckpt, path)
+    pred = Predictor.from_checkpoint(path, device="cpu")
     # a checkpoint calibrated before symmetry averaging existed: the plain values serve both
     assert pred.calibration["tta"] is None
     assert pred.calibration_for(tta=True) == pred.calibration_for(tta=False)

@@ -15,6 +15,14 @@ Training leaves two numbers that held-out data decide better than the loss does:
   same, as in the threshold choice; pooled over all detections, the crowded scenes (most
   detections, and the largest ratios: misassigned neighbours) set the scale, and sparse
   scenes got sigmas 20-30 % too large.
+- **the uncertainty power**: the predicted sigmas also span too narrow a range. Crowded
+  and dim scenes, whose sigmas are large, were overconfident (v0.8: std of error / sigma
+  1.2 at 5 emitters/um^2) while sparse and bright ones were underconfident (0.9). So the
+  calibrated sigma is ``scale * ref * (sigma / ref) ** power``, per axis. ``ref`` is the
+  median predicted sigma of the matched detections, so ``scale`` keeps its meaning at a
+  typical sigma. ``power`` is the value of :data:`POWER_GRID` that makes the scenes'
+  ``std(error / sigma)`` most alike: the least squared deviation of their logarithms from
+  their median. ``power`` 1 is the plain scale.
 
 :func:`calibrate` measures both on freshly simulated movies spread over the operating range
 (their seeds are not the benchmark's), :func:`apply_calibration` stores them in a
@@ -32,6 +40,9 @@ from .camera import Camera
 
 #: thresholds tried (the decoder's integrated probability is capped at 1)
 THRESHOLD_GRID = tuple(np.round(np.arange(0.30, 0.951, 0.025), 3))
+
+#: exponents tried for the uncertainty power
+POWER_GRID = tuple(np.round(np.arange(0.7, 1.801, 0.05), 2))
 
 #: cameras of the calibration movies: an sCMOS and an EMCCD as users record them
 CALIBRATION_CAMERAS = (
@@ -78,13 +89,17 @@ class Calibration:
     per_scene: list = field(default_factory=list)
     n_frames: int = 0
     seed: int = 0
+    #: per axis: calibrated sigma = scale * ref * (sigma / ref) ** power
+    sigma_power: tuple = (1.0, 1.0)
+    sigma_reference_px: tuple = (1.0, 1.0)
     #: the same measured with symmetry averaging (``tta=True``; see :mod:`.symmetry`)
     tta: "Calibration | None" = None
 
     def to_checkpoint(self) -> dict:
         """Plain data (``torch.load(weights_only=True)`` reads it back)."""
         d = asdict(self)
-        d["sigma_scale"] = [float(v) for v in self.sigma_scale]
+        for key in ("sigma_scale", "sigma_power", "sigma_reference_px"):
+            d[key] = [float(v) for v in getattr(self, key)]
         if self.tta is not None:
             d["tta"] = self.tta.to_checkpoint()
         return d
@@ -139,9 +154,9 @@ def calibration_from_runs(runs, tolerance_nm: float = 250.0,
                           pixel_size_nm: float = 100.0) -> Calibration:
     """The calibration from ``runs``, a list of ``(truth, localisations)`` tables (input px)
     whose localisations were decoded at a threshold no higher than ``THRESHOLD_GRID[0]``:
-    the threshold with the best mean Jaccard, then per axis the median over the runs of the
-    std of ``(estimate - truth) / uncertainty`` over each run's detections matched at that
-    threshold."""
+    the threshold with the best mean Jaccard, then per axis the uncertainty power (the
+    module docstring) and the median over the runs of the std of ``(estimate - truth) /
+    uncertainty`` over each run's detections matched at that threshold."""
     # imported here: every Predictor imports this module, and scipy.optimize (matching)
     # would add half a second to each `predict` start-up
     from .metrics import match_tables
@@ -158,7 +173,7 @@ def calibration_from_runs(runs, tolerance_nm: float = 250.0,
     mean = table.mean(axis=0)
     best = int(np.argmax(mean))
     threshold = float(THRESHOLD_GRID[best])
-    ratios = {"x": [], "y": []}
+    errors = {"x": [], "y": []}  # per axis, per run: (error, uncertainty) of the matches
     for truth, locs in runs:
         sel = locs[locs["prob"] >= threshold]
         ti, pi = match_tables(truth, sel, tolerance_nm, px)
@@ -166,25 +181,59 @@ def calibration_from_runs(runs, tolerance_nm: float = 250.0,
             err = sel[axis][pi] - truth[axis][ti]
             unc = sel["unc_" + axis][pi]
             ok = np.isfinite(unc) & (unc > 0)
-            ratios[axis].append(err[ok] / unc[ok])
-
-    def spread(r):
-        return float(np.std(r)) if len(r) > 1 and np.std(r) > 0 else float("nan")
-
-    scale = []
+            errors[axis].append((err[ok], unc[ok]))
+    ratios = {axis: [e / u for e, u in errors[axis]] for axis in errors}
+    scale, power, reference = [], [], []
     for axis in ("x", "y"):
-        per_run = np.array([spread(r) for r in ratios[axis]])
-        per_run = per_run[np.isfinite(per_run)]
-        scale.append(float(np.median(per_run)) if len(per_run) else 1.0)
+        p, ref, s = _uncertainty_power_and_scale(errors[axis])
+        power.append(p)
+        reference.append(ref)
+        scale.append(s)
     at_half = int(np.argmin(np.abs(np.asarray(THRESHOLD_GRID) - 0.5)))
     # per scene: Jaccard at the chosen threshold and at 0.5, and std(error / sigma) per axis
     # before (raw) the scale is applied
     per_scene = [{"jaccard": float(table[i, best]), "jaccard_at_0_5": float(table[i, at_half]),
-                  "raw_calibration": [spread(ratios["x"][i]), spread(ratios["y"][i])]}
+                  "raw_calibration": [_spread(ratios["x"][i]), _spread(ratios["y"][i])]}
                  for i in range(len(runs))]
     return Calibration(threshold=threshold, sigma_scale=tuple(scale),
                        mean_jaccard=float(mean[best]), mean_jaccard_at_0_5=float(mean[at_half]),
-                       per_scene=per_scene)
+                       per_scene=per_scene, sigma_power=tuple(power),
+                       sigma_reference_px=tuple(reference))
+
+
+def _spread(r) -> float:
+    """std of ``r``, NaN for fewer than two values or none spread."""
+    return float(np.std(r)) if len(r) > 1 and np.std(r) > 0 else float("nan")
+
+
+def _uncertainty_power_and_scale(runs) -> tuple[float, float, float]:
+    """``(power, ref, scale)`` of one axis from ``runs``, a list of (error, uncertainty)
+    arrays of matched detections (the module docstring's rule; (1, 1, 1) without data)."""
+    runs = [(e, u) for e, u in runs if len(e) > 1]
+    if not runs:
+        return 1.0, 1.0, 1.0
+    ref = float(np.median(np.concatenate([u for _, u in runs])))
+
+    def per_run(power):
+        v = np.array([_spread(e / (ref * (u / ref) ** power)) for e, u in runs])
+        return v[np.isfinite(v)]
+
+    def unevenness(power):
+        logs = np.log(per_run(power))
+        return float(np.sum((logs - np.median(logs)) ** 2)) if len(logs) else np.inf
+
+    power = min(POWER_GRID, key=lambda p: (unevenness(p), abs(p - 1.0)))
+    stds = per_run(power)
+    scale = float(np.median(stds)) if len(stds) else 1.0
+    return float(power), ref, scale
+
+
+def calibrated_sigma(sigma, scale: float, power: float = 1.0, reference: float = 1.0):
+    """The calibrated uncertainty ``scale * reference * (sigma / reference) ** power``
+    (numpy or torch; ``power`` 1: exactly ``scale * sigma``)."""
+    if power == 1.0:
+        return sigma * scale
+    return (scale * reference) * (sigma / reference) ** power
 
 
 def apply_calibration(checkpoint_path, calibration: Calibration, out_path=None) -> None:
@@ -201,9 +250,11 @@ def apply_calibration(checkpoint_path, calibration: Calibration, out_path=None) 
 
 
 def calibration_from_checkpoint(ckpt: dict) -> dict:
-    """``{"threshold": float | None, "sigma_scale": (sx, sy), "tta": {...} | None}`` of a
-    loaded checkpoint (an uncalibrated one gives threshold None and scale (1, 1); ``tta``
-    is the same for symmetry averaging, None when not measured); bad values are ignored."""
+    """``{"threshold": float | None, "sigma_scale": (sx, sy), "sigma_power": (px, py),
+    "sigma_reference_px": (rx, ry), "tta": {...} | None}`` of a loaded checkpoint (an
+    uncalibrated one gives threshold None and scale, power and reference (1, 1); one
+    calibrated before the power existed, power 1; ``tta`` is the same for symmetry
+    averaging, None when not measured); bad values are ignored."""
     cal = ckpt.get("calibration") or {}
     out = _threshold_and_scale(cal)
     tta = cal.get("tta")
@@ -215,11 +266,21 @@ def _threshold_and_scale(cal: dict) -> dict:
     threshold = cal.get("threshold")
     if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
         threshold = None
-    scale = cal.get("sigma_scale") or (1.0, 1.0)
+    scale = _positive_pair(cal.get("sigma_scale")) or (1.0, 1.0)
+    power = _positive_pair(cal.get("sigma_power"))
+    reference = _positive_pair(cal.get("sigma_reference_px"))
+    if power is None or reference is None:  # absent or bad (one without the other): scale only
+        power = reference = (1.0, 1.0)
+    return {"threshold": None if threshold is None else float(threshold), "sigma_scale": scale,
+            "sigma_power": power, "sigma_reference_px": reference}
+
+
+def _positive_pair(values) -> tuple | None:
+    """Two finite positive floats from ``values``; None when absent or not such a pair."""
     try:
-        scale = tuple(float(v) for v in scale)
-        if len(scale) != 2 or not all(np.isfinite(v) and v > 0 for v in scale):
-            raise ValueError
+        pair = tuple(float(v) for v in values)
     except (TypeError, ValueError):
-        scale = (1.0, 1.0)
-    return {"threshold": None if threshold is None else float(threshold), "sigma_scale": scale}
+        return None
+    if len(pair) != 2 or not all(np.isfinite(v) and v > 0 for v in pair):
+        return None
+    return pair

@@ -653,10 +653,13 @@ def cmd_calibrate(a) -> int:
                     log=lambda m: sys.stderr.write(m + "\n"))
     apply_calibration(a.checkpoint, cal, a.out)
     report = {"checkpoint": a.out or a.checkpoint, "threshold": cal.threshold,
-              "sigma_scale": list(cal.sigma_scale), "mean_jaccard": cal.mean_jaccard,
-              "mean_jaccard_at_0_5": cal.mean_jaccard_at_0_5}
+              "sigma_scale": list(cal.sigma_scale), "sigma_power": list(cal.sigma_power),
+              "sigma_reference_px": list(cal.sigma_reference_px),
+              "mean_jaccard": cal.mean_jaccard, "mean_jaccard_at_0_5": cal.mean_jaccard_at_0_5}
     if cal.tta is not None:
         report["tta"] = {"threshold": cal.tta.threshold, "sigma_scale": list(cal.tta.sigma_scale),
+                         "sigma_power": list(cal.tta.sigma_power),
+                         "sigma_reference_px": list(cal.tta.sigma_reference_px),
                          "mean_jaccard": cal.tta.mean_jaccard}
     print(json.dumps(report))
     return 0

@@ -383,8 +383,8 @@ class Predictor:
             self.model.to(memory_format=torch.channels_last)
         self.config = config
         self.model_id = model_id
-        #: ``{"threshold": float | None, "sigma_scale": (sx, sy), "tta": {...} | None}``
-        #: (see :mod:`.calibration`)
+        #: ``{"threshold": float | None, "sigma_scale": (sx, sy), "sigma_power": (px, py),
+        #: "sigma_reference_px": (rx, ry), "tta": {...} | None}`` (see :mod:`.calibration`)
         self.calibration = calibration_from_checkpoint({"calibration": calibration})
 
     @property
@@ -397,7 +397,8 @@ class Predictor:
         return self.calibration_for(tta)["threshold"] or DEFAULT_THRESHOLD
 
     def calibration_for(self, tta: bool = False) -> dict:
-        """``{"threshold", "sigma_scale"}`` for plain or symmetry-averaged (``tta``)
+        """``{"threshold", "sigma_scale", "sigma_power", "sigma_reference_px"}`` for plain
+        or symmetry-averaged (``tta``)
         prediction; a checkpoint calibrated before symmetry averaging existed has only the
         plain one, which then serves both."""
         if tta and self.calibration.get("tta") is not None:
@@ -457,6 +458,7 @@ class Predictor:
         read lazily from it, so memory does not grow with the number of frames.
         ``cancel`` is an optional callable returning True to stop (raises :class:`Cancelled`).
         """
+        from .calibration import calibrated_sigma
         from .outputs import PredictionsH5Writer
         from .symmetry import SYMMETRIES, symmetry_averaged_maps
 
@@ -464,7 +466,10 @@ class Predictor:
         cal = self.calibration_for(tta)
         if threshold is None:
             threshold = self.threshold_for(tta) if calibrated else DEFAULT_THRESHOLD
-        sigma_scale = cal["sigma_scale"] if calibrated else (1.0, 1.0)
+        # per axis (scale, power, reference): see calibration.calibrated_sigma
+        sigma_cal = (tuple(zip(cal["sigma_scale"], cal["sigma_power"],
+                               cal["sigma_reference_px"]))
+                     if calibrated else ((1.0, 1.0, 1.0),) * 2)
         if not 0 < threshold <= 1:
             from .errors import ConfigError
             raise ConfigError(f"threshold must be in (0, 1], got {threshold}")
@@ -535,13 +540,17 @@ class Predictor:
                     else:
                         out = self.model(x, factors=factors, with_recon=False)["maps"]
                     _blank_constant_tiles(out, x[:, half])
-                    if sigma_scale != (1.0, 1.0):
-                        for m in out.values():
-                            m["sigma_x"] = m["sigma_x"] * sigma_scale[0]
-                            m["sigma_y"] = m["sigma_y"] * sigma_scale[1]
                 table, tile = decode_maps_table(
                     out[self.loc_factor], self.loc_factor,
                     border_candidate_threshold(threshold) if border_fit else threshold)
+                if sigma_cal != ((1.0, 1.0, 1.0),) * 2:
+                    # calibrate measured the decoded uncertainties: calibrated the same way
+                    # here (and the maps, for their readers, after decoding)
+                    for axis, c in zip("xy", sigma_cal):
+                        table["unc_" + axis] = calibrated_sigma(table["unc_" + axis], *c)
+                        if maps:
+                            for m in out.values():
+                                m["sigma_" + axis] = calibrated_sigma(m["sigma_" + axis], *c)
                 if border_fit:
                     # weak candidates matter only at the frame border: dropping the others
                     # first keeps them out of the tile-seam merging

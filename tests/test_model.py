@@ -242,8 +242,11 @@ def test_vector_quantizer_lookup_straight_through_and_stats():
 def test_code_map_upsampling_is_bicubic_interpolation(side, size):
     """The matrix product that upsamples code maps gives what F.interpolate gives, in
     value and in gradient (training goes through it)."""
-    from napari_var_emitter.model.vqvae import upsample_bicubic
+    from napari_var_emitter.model.vqvae import _BICUBIC_CACHE, upsample_bicubic
 
+    _BICUBIC_CACHE.clear()
+    with torch.inference_mode():  # prediction first (the cache is filled here), then training
+        upsample_bicubic(torch.randn(1, 4, *side), size)
     x = torch.randn(3, 4, *side, requires_grad=True)
     ref = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False)
     out = upsample_bicubic(x, size)

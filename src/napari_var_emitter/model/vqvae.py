@@ -121,9 +121,12 @@ def upsample_bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     key = (sh, sw, h, w, x.device, x.dtype)
     matrix = _BICUBIC_CACHE.get(key)
     if matrix is None:
-        eye = torch.eye(sh * sw, device=x.device, dtype=torch.float32).reshape(-1, 1, sh, sw)
-        matrix = F.interpolate(eye, size=(h, w), mode="bicubic", align_corners=False)
-        matrix = matrix.reshape(sh * sw, h * w).to(x.dtype)
+        # a plain tensor even when first made during inference: an inference-mode tensor
+        # in the cache would break training later in the same process (fine-tuning in napari)
+        with torch.inference_mode(False), torch.no_grad():
+            eye = torch.eye(sh * sw, device=x.device, dtype=torch.float32).reshape(-1, 1, sh, sw)
+            matrix = F.interpolate(eye, size=(h, w), mode="bicubic", align_corners=False)
+            matrix = matrix.reshape(sh * sw, h * w).to(x.dtype)
         _BICUBIC_CACHE[key] = matrix
     return (x.reshape(b, d, sh * sw) @ matrix).reshape(b, d, h, w)
 

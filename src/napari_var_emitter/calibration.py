@@ -1,6 +1,6 @@
-"""Post-hoc calibration of a trained model: its detection threshold and uncertainty scale.
+"""Post-hoc calibration of a trained model: its detection threshold and uncertainties.
 
-Training leaves two numbers that held-out data decide better than the loss does:
+Training leaves numbers that held-out data decide better than the loss does:
 
 - **the detection threshold**: the decoder reports a detection when the probability it
   attributes to one candidate (summed over a window of one input pixel's radius, shared
@@ -24,10 +24,11 @@ Training leaves two numbers that held-out data decide better than the loss does:
   ``std(error / sigma)`` most alike: the least squared deviation of their logarithms from
   their median. ``power`` 1 is the plain scale.
 
-:func:`calibrate` measures both on freshly simulated movies spread over the operating range
+:func:`calibrate` measures them on freshly simulated movies spread over the operating range
 (their seeds are not the benchmark's), :func:`apply_calibration` stores them in a
 checkpoint. :class:`~.inference.Predictor` uses the stored threshold when none is given and
-multiplies its uncertainties by the stored scale. Nothing here changes a weight.
+maps its uncertainties through :func:`calibrated_sigma` with the stored scale, power and
+reference. Nothing here changes a weight.
 """
 
 from __future__ import annotations

@@ -73,6 +73,28 @@ def test_quick_benchmark_writes_complete_report(tmp_path, untrained_checkpoint):
     assert math.isclose(res["ours"]["jaccard"], jaccard, abs_tol=5e-4)
 
 
+def test_report_states_the_bundled_models_uncertainty_calibration(tmp_path):
+    """The bundled model's calibration (threshold, scale, power and reference) is written
+    into the report, so its uncertainty figures can be read."""
+    from napari_var_emitter.inference import Predictor
+
+    out = tmp_path / "results.md"
+    cmd = [sys.executable, str(BENCH / "run_benchmarks.py"), "--quick", "--skip-picasso",
+           "--scenarios", "sparse", "--out", str(out), "--no-speed"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cal = Predictor.from_pretrained(device="cpu").calibration
+    line = next(ln for ln in out.read_text().splitlines() if ln.startswith("- Our model:"))
+    assert f"threshold {cal['threshold']} (the model's calibrated threshold" in line
+    scale = f"{cal['sigma_scale'][0]:.3f} / {cal['sigma_scale'][1]:.3f}"
+    if cal["sigma_power"] != (1.0, 1.0):
+        assert (f"scale {scale}, power {cal['sigma_power'][0]:.2f} / "
+                f"{cal['sigma_power'][1]:.2f}, ref {cal['sigma_reference_px'][0]:.3f} / "
+                f"{cal['sigma_reference_px'][1]:.3f} px" in line)
+    else:
+        assert f"uncertainties x {scale}" in line
+
+
 def test_run_measured_reports_the_childs_own_peak_memory(tmp_path):
     # the end-to-end timing relies on os.wait4's ru_maxrss of that one child
     code = "import numpy as np; a = np.ones(300 * 2**20 // 8); print(a.sum())"

@@ -257,13 +257,13 @@ def calibration_from_checkpoint(ckpt: dict) -> dict:
     calibrated before the power existed, power 1; ``tta`` is the same for symmetry
     averaging, None when not measured); bad values are ignored."""
     cal = ckpt.get("calibration") or {}
-    out = _threshold_and_scale(cal)
+    out = _threshold_and_uncertainty(cal)
     tta = cal.get("tta")
-    out["tta"] = _threshold_and_scale(tta) if isinstance(tta, dict) else None
+    out["tta"] = _threshold_and_uncertainty(tta) if isinstance(tta, dict) else None
     return out
 
 
-def _threshold_and_scale(cal: dict) -> dict:
+def _threshold_and_uncertainty(cal: dict) -> dict:
     threshold = cal.get("threshold")
     if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
         threshold = None

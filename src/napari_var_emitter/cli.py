@@ -486,14 +486,9 @@ def _predict_one(a, predictor, camera, path, stem, interrupts) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    psf = result.psf_summary()
     print(f"{path}: {len(result.localizations)} localisations in "
-          f"{result.shape[0]} frames{_psf_note(result)} -> {final}")
-
-
-def _psf_note(result) -> str:
-    """', PSF sigma 1.23 px' (the detections' median fitted width), or '' when unknown."""
-    sigma = result.psf_sigma_px
-    return f", PSF sigma {sigma:.2f} px" if math.isfinite(sigma) else ""
+          f"{result.shape[0]} frames{', ' + psf if psf else ''} -> {final}")
 
 
 def _umask() -> int:

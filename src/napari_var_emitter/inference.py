@@ -95,6 +95,12 @@ class PredictionResult:
         s = s[np.isfinite(s)]
         return float(np.median(s)) if len(s) else float("nan")
 
+    def psf_summary(self) -> str:
+        """``"PSF sigma 1.23 px"`` (:attr:`psf_sigma_px`) for a summary line, or ``""``
+        when no width was fitted."""
+        sigma = self.psf_sigma_px
+        return f"PSF sigma {sigma:.2f} px" if np.isfinite(sigma) else ""
+
 
 #: detection threshold of a model without a calibrated one
 DEFAULT_THRESHOLD = 0.5

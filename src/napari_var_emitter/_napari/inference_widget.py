@@ -11,7 +11,6 @@ shown lazily, so long stacks do not fill the memory.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -364,10 +363,9 @@ class InferenceWidget(QWidget):
         self._runs[geometry.name] = run
         self.last_run = run
         n = len(result.localizations)
-        sigma = result.psf_sigma_px
-        psf = f"PSF sigma {sigma:.2f} px, " if math.isfinite(sigma) else ""
+        psf = result.psf_summary()
         self.status.value = (f"done: {n} localisations in {geometry.n_frames} frame(s), "
-                             f"{psf}threshold {result.threshold:.3g}")
+                             f"{psf + ', ' if psf else ''}threshold {result.threshold:.3g}")
         if self.model_threshold.value:  # show the calibrated threshold that was used
             self.threshold.value = result.threshold
         self.export_csv_button.enabled = True

@@ -297,17 +297,22 @@ def _ddp_config(tmp_path, **training):
 
 def test_var_emitter_train_under_torchrun_exits_cleanly(tmp_path):
     """The real command line (not a wrapper script) under torchrun: exit status 0 and one
-    set of checkpoints written by rank 0."""
-    cfg = _ddp_config(tmp_path, num_epochs=1, steps_per_epoch=2, val_samples=4)
+    set of checkpoints written by rank 0, which alone calibrates the best one (--calibrate)
+    while the other rank waits."""
+    cfg = _ddp_config(tmp_path, num_epochs=1, steps_per_epoch=2, val_samples=4,
+                      calibration_frames=2)
     out = tmp_path / "out"
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "napari_var_emitter", "train", "--config", str(cfg), "--simulate",
-         "--output_dir", str(out), "--device", "cpu"],
+         "--output_dir", str(out), "--device", "cpu", "--calibrate"],
         capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     assert load_checkpoint(out / "last_model.pth")["step"] == 2
     assert (out / "best_model.pth").exists() and (out / "config.json").exists()
+    threshold = load_checkpoint(out / "best_model.pth")["calibration"]["threshold"]
+    assert r.stdout.count("calibrated: threshold") == 1
+    assert f"calibrated: threshold {threshold:.3f}" in r.stdout
 
 
 def test_torchrun_two_cpu_processes_keep_parameters_identical(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 from napari_var_emitter._napari import training_widget as TW
 from napari_var_emitter._napari._workers import finetuned_models
+from napari_var_emitter.config import load_config
 
 pytestmark = pytest.mark.gui
 
@@ -28,8 +29,9 @@ def _dock(viewer):
     return widget
 
 
-def _setup(widget, config_file, out_dir, epochs=2, steps=2, batch=4):
+def _setup(widget, config_file, out_dir, epochs=2, steps=2, batch=4, calibrate=False):
     widget.init.value = TW.INIT_SCRATCH
+    widget.calibrate.value = calibrate
     widget.config_file.value = str(config_file)
     widget.output_dir.value = str(out_dir)
     widget.device.value = "cpu"
@@ -51,7 +53,11 @@ def test_simulated_fine_tune_updates_the_curves(viewer_with_plugin, qtbot, tiny_
     widget.source.value = TW.SOURCE_SIMULATION
     # only the simulation fields are shown for this source
     assert not widget.sigma_row.native.isHidden() and widget.tiff_dir.native.isHidden()
-    _setup(widget, tiny_config_file, tmp_path / "run")
+    assert widget.calibrate.value  # a fine-tuned model is calibrated unless unticked
+    config = load_config(tiny_config_file)
+    config.training.calibration_frames = 2  # 12 tiny movies
+    config.save(tmp_path / "calibrated_config.json")
+    _setup(widget, tmp_path / "calibrated_config.json", tmp_path / "run", calibrate=True)
     worker = widget.start()
     assert worker is not None and widget.running
     _wait(qtbot, widget)
@@ -69,9 +75,13 @@ def test_simulated_fine_tune_updates_the_curves(viewer_with_plugin, qtbot, tiny_
     assert os.path.isfile(tmp_path / "run" / "last_model.pth")
     assert widget.best_checkpoint == str(tmp_path / "run" / "best_model.pth")
     assert os.path.isfile(widget.best_checkpoint)
-    # the simulation matched the form's camera
-    from napari_var_emitter.config import load_config
+    # calibrated when done: the threshold the status shows is the one the model now carries
+    from napari_var_emitter.checkpoint import load_checkpoint
 
+    threshold = load_checkpoint(widget.best_checkpoint)["calibration"]["threshold"]
+    assert widget.status.value.startswith("done: 4 steps; calibrated: threshold ")
+    assert f"threshold {threshold:.3f}" in widget.status.value
+    # the simulation matched the form's camera
     saved = load_config(tmp_path / "run" / "config.json")
     assert saved.model.input_size == [16, 16]
     assert saved.training.num_epochs == 2 and saved.training.steps_per_epoch == 2

@@ -256,6 +256,49 @@ def test_stop_at_step_ends_the_run_where_a_cancel_would_with_the_full_schedule(t
         tiny_config(stop_at_step=-1)
 
 
+def test_calibrate_stores_a_threshold_in_the_handed_over_checkpoint(tmp_path):
+    """training.calibrate: a finished run measures best_model.pth's threshold and
+    uncertainties (scene by scene, as `var-emitter calibrate` does) and the predictor then
+    uses them; a cancel during the calibration leaves the trained model uncalibrated."""
+    from napari_var_emitter.calibration import THRESHOLD_GRID, default_scenes
+    from napari_var_emitter.inference import Predictor
+
+    cfg = tiny_config(num_epochs=1, steps_per_epoch=2, calibrate=True, calibration_frames=2)
+    tr = make_trainer(tmp_path / "cal", cfg, tensorboard=True)
+    events = list(tr.events())
+    tr.close()
+    kinds = [e.kind for e in events]
+    n = len(default_scenes())
+    assert kinds == ["step", "step", "epoch"] + ["calibrating"] * n + ["calibrated", "done"]
+    assert [e.metrics["scene"] for e in events if e.kind == "calibrating"] == list(
+        range(1, n + 1))
+    numbers = events[-2].metrics
+    stored = load_checkpoint(tmp_path / "cal" / "best_model.pth")["calibration"]
+    assert stored["threshold"] == numbers["threshold"] and numbers["threshold"] in THRESHOLD_GRID
+    assert stored["sigma_power"] == [numbers["sigma_power_x"], numbers["sigma_power_y"]]
+    assert stored["tta"]["threshold"] in THRESHOLD_GRID
+    predictor = Predictor.from_checkpoint(tmp_path / "cal" / "best_model.pth", device="cpu")
+    assert predictor.default_threshold == numbers["threshold"]
+    assert "calibration" not in load_checkpoint(tmp_path / "cal" / "last_model.pth")
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "cal" / "tensorboard"))
+    acc.Reload()
+    assert acc.Scalars("calibration/threshold")[0].value == pytest.approx(numbers["threshold"])
+
+    stopped = make_trainer(tmp_path / "stopped", cfg)
+    kinds = []
+    for ev in stopped.events():
+        kinds.append(ev.kind)
+        if ev.kind == "calibrating":
+            stopped.cancel()
+    assert kinds[-3:] == ["calibrating", "calibration_cancelled", "done"]
+    assert "calibration" not in load_checkpoint(tmp_path / "stopped" / "best_model.pth")
+    with pytest.raises(ConfigError, match="calibration_frames"):
+        tiny_config(calibration_frames=0)
+
+
 def test_init_starts_a_fine_tune_from_given_weights(tmp_path):
     cfg = tiny_config(num_epochs=1, steps_per_epoch=2)
     first = make_trainer(tmp_path / "a", cfg)

@@ -105,6 +105,18 @@ class Calibration:
             d["tta"] = self.tta.to_checkpoint()
         return d
 
+    def summary(self) -> dict:
+        """The headline numbers (what ``var-emitter calibrate`` prints), without the
+        per-scene detail."""
+        d = {"threshold": self.threshold, "sigma_scale": list(self.sigma_scale),
+             "sigma_power": list(self.sigma_power),
+             "sigma_reference_px": list(self.sigma_reference_px),
+             "mean_jaccard": self.mean_jaccard, "mean_jaccard_at_0_5": self.mean_jaccard_at_0_5}
+        if self.tta is not None:
+            d["tta"] = self.tta.summary()
+            d["tta"].pop("mean_jaccard_at_0_5")
+        return d
+
 
 def calibrate(predictor, n_frames: int = 60, shape=(40, 40), seed: int = 20261126,
               scenes: list[CalibrationScene] | None = None, tolerance_nm: float = 250.0,
@@ -117,7 +129,24 @@ def calibrate(predictor, n_frames: int = 60, shape=(40, 40), seed: int = 2026112
     threshold are exactly those whose probability reaches it. Its own stored calibration is
     ignored (the raw model is measured). With ``tta`` the same movies are also localised
     with symmetry averaging (8x the time) and that mode's calibration is in ``.tta``.
+    ``log(message)`` hears of each finished scene.
     """
+    steps = calibration_steps(predictor, n_frames, shape, seed, scenes, tolerance_nm, tta)
+    while True:
+        try:
+            done, total, scene = next(steps)
+        except StopIteration as finished:
+            return finished.value
+        if log is not None:
+            log(f"calibration scene {done}/{total}: {scene}")
+
+
+def calibration_steps(predictor, n_frames: int = 60, shape=(40, 40), seed: int = 20261126,
+                      scenes: list[CalibrationScene] | None = None,
+                      tolerance_nm: float = 250.0, tta: bool = True):
+    """:func:`calibrate` as a generator: yields ``(scenes done, scenes, scene)`` after each
+    movie and returns the :class:`Calibration` (``StopIteration.value``), so a GUI worker
+    can report progress and stop between scenes."""
     from .simulation import simulate_movie
 
     scenes = default_scenes() if scenes is None else list(scenes)
@@ -139,8 +168,7 @@ def calibrate(predictor, n_frames: int = 60, shape=(40, 40), seed: int = 2026112
                                     threshold=float(THRESHOLD_GRID[0]), tta=mode,
                                     border_fit=False, pair_fit=False)
             runs[mode].append((truth, res.localizations))
-        if log is not None:
-            log(f"calibration scene {i + 1}/{len(scenes)}: {sc}")
+        yield i + 1, len(scenes), sc
     cals = {}
     for mode in modes:
         cal = calibration_from_runs(runs[mode], tolerance_nm)
@@ -235,6 +263,15 @@ def calibrated_sigma(sigma, scale: float, power: float = 1.0, reference: float =
     if power == 1.0:
         return sigma * scale
     return (scale * reference) * (sigma / reference) ** power
+
+
+def describe_calibration(metrics: dict) -> str:
+    """One line for the numbers of a training run's ``calibrated`` event (threshold,
+    ``sigma_scale_x/y``, ``sigma_power_x/y``)."""
+    m = metrics
+    return (f"calibrated: threshold {m['threshold']:.3f}, uncertainty scale "
+            f"{m['sigma_scale_x']:.2f} / {m['sigma_scale_y']:.2f}, power "
+            f"{m['sigma_power_x']:.2f} / {m['sigma_power_y']:.2f}")
 
 
 def apply_calibration(checkpoint_path, calibration: Calibration, out_path=None) -> None:

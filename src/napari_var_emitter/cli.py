@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(t, "resume", help="continue exactly from this checkpoint (last_model.pth)")
     _opt(t, "epochs", type=int, help="override training.num_epochs")
     _opt(t, "steps_per_epoch", type=int, help="override training.steps_per_epoch")
+    _opt(t, "calibrate", action="store_true",
+         help="when training ends, calibrate best_model.pth's threshold and uncertainties "
+              "(training.calibrate; as 'var-emitter calibrate' does)")
 
     r = sub.add_parser("predict", help="localise emitters in TIFF stacks")
     r.add_argument("inputs", nargs="*", help="input TIFF files")
@@ -203,6 +206,7 @@ def cmd_train(a) -> int:
     from .config import Config, load_config
     from .dataset import TrainingData
     from .inference import bundled_checkpoint_path
+    from .calibration import describe_calibration
     from .training import Trainer
 
     if a.config:
@@ -214,12 +218,14 @@ def cmd_train(a) -> int:
         cfg = load_checkpoint(a.resume)["config_obj"]
     else:
         cfg = Config().validate()
-    if a.epochs is not None or a.steps_per_epoch is not None:
+    if a.epochs is not None or a.steps_per_epoch is not None or a.calibrate:
         d = cfg.to_dict()
         if a.epochs is not None:
             d["training"]["num_epochs"] = a.epochs
         if a.steps_per_epoch is not None:
             d["training"]["steps_per_epoch"] = a.steps_per_epoch
+        if a.calibrate:
+            d["training"]["calibrate"] = True
         cfg = Config.from_dict(d)
     if a.simulate:
         if a.tiff_dir or a.emitter_dir:
@@ -241,6 +247,7 @@ def cmd_train(a) -> int:
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     bar = _progress_bar(trainer.end_step, trainer.step, trainer.is_main)
+    say = bar.write if bar is not None else print  # a line above the progress bar
     cancelled = False
     try:
         for ev in trainer.events():
@@ -254,7 +261,18 @@ def cmd_train(a) -> int:
                           f"efficiency {m['efficiency']:.1f}" if "jaccard" in m else "")
                        + (f"; sparse tiles: jaccard {m['sparse_jaccard']:.3f}, precision "
                           f"{m['sparse_precision']:.3f}" if "sparse_jaccard" in m else ""))
-                (bar.write if bar is not None else print)(msg)
+                say(msg)
+            elif ev.kind == "calibrating":
+                if ev.metrics["scene"] == 1:
+                    say(
+                        f"calibrating {trainer.handed_over_checkpoint} on "
+                        f"{ev.metrics['scenes']} simulated movies ...")
+            elif ev.kind == "calibrated":
+                say(describe_calibration(ev.metrics))
+            elif ev.kind == "calibration_cancelled":
+                say(
+                    "calibration interrupted: the model is trained but not calibrated "
+                    f"(var-emitter calibrate --checkpoint {trainer.handed_over_checkpoint})")
             elif ev.kind == "cancelled":
                 cancelled = True
     finally:
@@ -647,15 +665,7 @@ def cmd_calibrate(a) -> int:
     cal = calibrate(predictor, n_frames=a.frames, seed=a.seed,
                     log=lambda m: sys.stderr.write(m + "\n"))
     apply_calibration(a.checkpoint, cal, a.out)
-    report = {"checkpoint": a.out or a.checkpoint, "threshold": cal.threshold,
-              "sigma_scale": list(cal.sigma_scale), "sigma_power": list(cal.sigma_power),
-              "sigma_reference_px": list(cal.sigma_reference_px),
-              "mean_jaccard": cal.mean_jaccard, "mean_jaccard_at_0_5": cal.mean_jaccard_at_0_5}
-    if cal.tta is not None:
-        report["tta"] = {"threshold": cal.tta.threshold, "sigma_scale": list(cal.tta.sigma_scale),
-                         "sigma_power": list(cal.tta.sigma_power),
-                         "sigma_reference_px": list(cal.tta.sigma_reference_px),
-                         "mean_jaccard": cal.tta.mean_jaccard}
+    report = {"checkpoint": a.out or a.checkpoint, **cal.summary()}
     print(json.dumps(report))
     return 0
 

@@ -121,6 +121,13 @@ class TrainingConfig:
     #: the learning-rate schedule keeps its full length, so a recipe can describe a phase
     #: that was stopped early, and a rerun stops where it did
     stop_at_step: int = 0
+    #: when training ends, measure the detection threshold and uncertainty calibration of
+    #: the model it hands over (best_model.pth) on simulated movies across the operating
+    #: range and store them in it, as ``var-emitter calibrate`` does: a trained or
+    #: fine-tuned checkpoint otherwise predicts at threshold 0.5 with raw uncertainties
+    calibrate: bool = False
+    #: frames per calibration movie (12 movies; 60 take about half a minute on a CPU)
+    calibration_frames: int = 60
 
     def trainable_prefixes(self) -> list[str]:
         """:attr:`trainable` as a list of prefixes (empty: every parameter trains)."""
@@ -147,6 +154,9 @@ class TrainingConfig:
         if self.stop_at_step < 0:
             raise ConfigError(f"training.stop_at_step must be >= 0 (0: run the whole schedule), "
                               f"got {self.stop_at_step}")
+        if self.calibration_frames < 1:
+            raise ConfigError(f"training.calibration_frames must be >= 1, "
+                              f"got {self.calibration_frames}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("training.weight_decay and training.grad_clip must be >= 0")
         if self.mixed_precision not in ("auto", "off", "fp16", "bf16"):

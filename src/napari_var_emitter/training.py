@@ -27,7 +27,8 @@ from .checkpoint import build_model_from_checkpoint, load_checkpoint, save_check
 from .config import Config
 from .dataset import TrainingData, collate_targets, training_batches
 from .errors import CheckpointError, ConfigError, OutputError, VarEmitterError
-from .inference import decode_maps, resolve_device
+from .calibration import apply_calibration, calibration_steps
+from .inference import Predictor, decode_maps, resolve_device
 
 #: consecutive steps with a non-finite loss or gradient after which training stops
 MAX_BAD_STEPS = 20
@@ -39,7 +40,10 @@ class TrainingError(VarEmitterError):
 
 @dataclass
 class TrainEvent:
-    """What the trainer reports: ``kind`` is step, epoch, done or cancelled."""
+    """What the trainer reports: ``kind`` is step, epoch, done or cancelled; with
+    ``training.calibrate`` also calibrating (``metrics``: scene, scenes), calibrated
+    (``metrics``: :meth:`~.calibration.Calibration.summary`'s numbers) or
+    calibration_cancelled, between the last epoch and done."""
 
     kind: str
     epoch: int
@@ -242,11 +246,48 @@ class Trainer:
                                      metrics)
             if self.is_main and self.step % tr.steps_per_epoch and self.step == self.end_step:
                 self._save(self.last_checkpoint, {})  # stopped inside an epoch (stop_at_step)
+            if self.is_main and tr.calibrate:
+                yield from self._calibration_events()
             yield TrainEvent("done", self.step // tr.steps_per_epoch, self.step,
                              self.end_step, {}, self.history[-1] if self.history else {})
         finally:
             if self.writer is not None:
                 self.writer.flush()
+
+    @property
+    def handed_over_checkpoint(self) -> str:
+        """The checkpoint a finished run hands over: best_model.pth, or last_model.pth
+        when no epoch was validated."""
+        return (self.best_checkpoint if os.path.isfile(self.best_checkpoint)
+                else self.last_checkpoint)
+
+    def _calibration_events(self):
+        """Calibrate the handed-over checkpoint in place (``training.calibrate``), scene by
+        scene; a cancel request between scenes leaves it uncalibrated."""
+        tr = self.config.training
+        path = self.handed_over_checkpoint
+        epoch = self.step // tr.steps_per_epoch
+        steps = calibration_steps(Predictor.from_checkpoint(path, device=self.device),
+                                  n_frames=tr.calibration_frames)
+        while True:
+            if self._cancel:  # this rank's own flag: the other ranks have left the loop
+                yield TrainEvent("calibration_cancelled", epoch, self.step, self.end_step)
+                return
+            try:
+                done, total, _ = next(steps)
+            except StopIteration as finished:
+                cal = finished.value
+                break
+            yield TrainEvent("calibrating", epoch, self.step, self.end_step,
+                             metrics={"scene": done, "scenes": total})
+        apply_calibration(path, cal)
+        summary = cal.summary()
+        numbers = {"threshold": summary["threshold"], "mean_jaccard": summary["mean_jaccard"]}
+        for i, axis in enumerate("xy"):
+            numbers[f"sigma_scale_{axis}"] = summary["sigma_scale"][i]
+            numbers[f"sigma_power_{axis}"] = summary["sigma_power"][i]
+        self._log_scalars("calibration", numbers, self.step)
+        yield TrainEvent("calibrated", epoch, self.step, self.end_step, metrics=numbers)
 
     def close(self) -> None:
         """Release the TensorBoard writer, the data workers and (when distributed) the

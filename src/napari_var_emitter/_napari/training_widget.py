@@ -15,13 +15,14 @@ import os
 import time
 
 import numpy as np
-from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton,
-                              SpinBox)
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label,
+                              PushButton, SpinBox)
 from napari.layers import Image, Points
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QProgressBar, QVBoxLayout, QWidget
 
+from ..calibration import describe_calibration
 from ..camera import Camera
 from ..errors import ConfigError, VarEmitterError
 from ._workers import (TrainingControl, TrainingHistory, build_training_config,
@@ -70,6 +71,7 @@ class TrainingWidget(QWidget):
         self._worker = None
         self._control = None
         self._last_draw = 0.0
+        self._calibration_note = ""
         self.best_checkpoint: str | None = None
         self.last_checkpoint: str | None = None
 
@@ -107,6 +109,12 @@ class TrainingWidget(QWidget):
         self.device = ComboBox(label="Device", choices=available_devices(), value="auto")
         self.config_file = FileEdit(label="Base config (optional)", mode="r",
                                     filter="*.json")
+        self.calibrate = CheckBox(text="calibrate when done", value=True)
+        self.calibrate.tooltip = (
+            "measure the trained model's detection threshold and uncertainty calibration on "
+            "simulated movies across the operating range (about half a minute on a CPU) and "
+            "store them in best_model.pth; otherwise it predicts at threshold 0.5 with raw "
+            "uncertainties")
         self.start_button = PushButton(text="Start")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.resume_button = PushButton(text="Resume", enabled=False)
@@ -126,7 +134,7 @@ class TrainingWidget(QWidget):
             self.density_row, self.pixel_size, self.baseline, self.e_per_adu, self.em_gain,
             self.qe, self.read_noise, self.init, self.epochs, self.learning_rate,
             self.batch_size, self.steps_per_epoch, self.output_dir, self.device,
-            self.config_file,
+            self.config_file, self.calibrate,
             Container(widgets=[self.start_button, self.cancel_button, self.resume_button],
                       layout="horizontal", labels=False),
             self.use_button, self.status])
@@ -216,7 +224,8 @@ class TrainingWidget(QWidget):
                 "training": {"num_epochs": int(self.epochs.value),
                              "learning_rate": float(self.learning_rate.value),
                              "batch_size": int(self.batch_size.value),
-                             "steps_per_epoch": int(self.steps_per_epoch.value)}}
+                             "steps_per_epoch": int(self.steps_per_epoch.value),
+                             "calibrate": bool(self.calibrate.value)}}
         if resume:
             plan["resume"] = os.path.join(out, "last_model.pth")
             if not os.path.isfile(plan["resume"]):
@@ -281,6 +290,7 @@ class TrainingWidget(QWidget):
             show_error(str(e))
             return None
         self.history = TrainingHistory()
+        self._calibration_note = ""
         self._setup_axes()
         self.canvas.draw_idle()
         self._control = TrainingControl()
@@ -324,8 +334,16 @@ class TrainingWidget(QWidget):
         elif event.kind == "cancelled":
             self.status.value = (f"cancelled at step {event.step}; Resume continues from "
                                  "last_model.pth")
+        elif event.kind == "calibrating":
+            self.status.value = (f"calibrating on simulated movies: "
+                                 f"{event.metrics['scene']}/{event.metrics['scenes']}")
+        elif event.kind == "calibrated":
+            self._calibration_note = describe_calibration(event.metrics)
+        elif event.kind == "calibration_cancelled":
+            self._calibration_note = "not calibrated (cancelled; var-emitter calibrate)"
         elif event.kind == "done":
-            self.status.value = f"done: {event.step} steps"
+            self.status.value = "; ".join(filter(None, (f"done: {event.step} steps",
+                                                         self._calibration_note)))
         now = time.monotonic()
         if event.kind != "step" or now - self._last_draw > REDRAW_INTERVAL_S:
             self._last_draw = now

@@ -256,6 +256,11 @@ def test_code_map_upsampling_is_bicubic_interpolation(side, size):
     g_ref, = torch.autograd.grad((ref * weights).sum(), x)
     g_out, = torch.autograd.grad((out * weights).sum(), x)
     assert torch.allclose(g_out, g_ref, atol=1e-5)
+    # mixed precision (bf16 autocast on this CPU stands in for fp16 on a GPU) leaves it in
+    # x's dtype, as F.interpolate: the code residuals are not rounded to half precision
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = upsample_bicubic(x.detach(), size)
+    assert mixed.dtype == torch.float32 and torch.allclose(mixed, ref, atol=1e-5)
 
 
 def test_vector_quantizer_ema_restarts_dead_codes_instead_of_collapsing():

@@ -114,7 +114,9 @@ def upsample_bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     outputs; on a CPU, interpolating the tiny code maps (1x1 to 5x5 -> 10x10) cost 2 ms per
     scale for a batch of 64 tiles (3 % of a forward pass) where the product costs 0.05 ms.
     The matrix is the interpolation of the identity, so the result is the same up to
-    rounding (1e-6); it is cached per shape, device and dtype.
+    rounding (1e-6); it is cached per shape, device and dtype. Like ``F.interpolate``, the
+    product runs in ``x``'s own dtype under autocast too: mixed precision would otherwise
+    round the fp32 code residuals to fp16/bf16 before the next scale's nearest-code search.
     """
     b, d, sh, sw = x.shape
     h, w = size
@@ -128,7 +130,8 @@ def upsample_bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
             matrix = F.interpolate(eye, size=(h, w), mode="bicubic", align_corners=False)
             matrix = matrix.reshape(sh * sw, h * w).to(x.dtype)
         _BICUBIC_CACHE[key] = matrix
-    return (x.reshape(b, d, sh * sw) @ matrix).reshape(b, d, h, w)
+    with torch.autocast(x.device.type, enabled=False):
+        return (x.reshape(b, d, sh * sw) @ matrix).reshape(b, d, h, w)
 
 
 class MultiScaleVQVAE(nn.Module):

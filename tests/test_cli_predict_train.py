@@ -232,6 +232,29 @@ def test_train_unlabeled_adapts_by_reconstruction_only(tmp_path, capsys):
     assert "jaccard" not in ckpt["history"][-1]  # no labels, no localisation metrics
 
 
+def test_fine_tuning_the_bundled_model_needs_no_config_and_trains_its_localisation_path(
+        tmp_path, capsys):
+    """`train --init bundled` alone: the weights fix the architecture, and the run trains the
+    whole model (not the bundled checkpoint's last recipe phase, which froze all but the 8x
+    stage, so the 2x maps that every localisation comes from would never change)."""
+    from napari_var_emitter.config import FINE_TUNING
+    from napari_var_emitter.inference import bundled_checkpoint_path
+
+    out = tmp_path / "ft"
+    code = main(["train", "--simulate", "--init", "bundled", "--output_dir", str(out),
+                 "--epochs", "1", "--steps_per_epoch", "2", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    bundled = load_checkpoint(bundled_checkpoint_path())
+    tuned = load_checkpoint(out / "last_model.pth")
+    assert tuned["config_obj"].model == bundled["config_obj"].model
+    assert tuned["config_obj"].simulation == bundled["config_obj"].simulation
+    tr = tuned["config_obj"].training
+    assert tr.trainable == "" and tr.learning_rate == FINE_TUNING["learning_rate"]
+    assert (tr.num_epochs, tr.steps_per_epoch) == (1, 2)  # the command's overrides
+    for name in ("transformer.stages.0.head.weight", "vqvae.encoder.stem.0.weight"):
+        assert not torch.equal(tuned["model"][name], bundled["model"][name]), name
+
+
 TORCHRUN_SCRIPT = textwrap.dedent('''
     """Run `var-emitter train` under torchrun; then compare every rank's model."""
     import hashlib, json, os, sys

@@ -65,3 +65,18 @@ def test_file_errors_name_the_file(tmp_path):
     p.write_text(json.dumps({"model": {"num_heads": 3}}))
     with pytest.raises(ConfigError, match=r"config.json: .*divisible"):
         load_config(p)
+
+
+def test_a_fine_tune_keeps_the_model_and_starts_a_fresh_training_section():
+    from napari_var_emitter.config import FINE_TUNING
+
+    trained = Config.from_dict({"model": {"refine_blocks": 2},
+                                "training": {"trainable": "transformer.stages.2",
+                                             "stop_at_step": 500, "learning_rate": 3e-3},
+                                "simulation": {"empty_fraction": 0.3}})
+    tuned = trained.for_fine_tuning()
+    assert tuned.model == trained.model and tuned.simulation == trained.simulation
+    assert tuned.loss == trained.loss and tuned.data == trained.data
+    assert tuned.training.trainable == "" and tuned.training.stop_at_step == 0
+    for key, value in FINE_TUNING.items():
+        assert getattr(tuned.training, key) == value, key

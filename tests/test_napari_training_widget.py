@@ -175,9 +175,29 @@ def test_training_from_camera_frames_and_unlabeled(viewer_with_plugin, qtbot,
     _wait(qtbot, widget)
     assert errors == []
     assert widget.history.status == "done"
-    from napari_var_emitter.config import load_config
-
     assert load_config(tmp_path / "unlabeled" / "config.json").training.mode == "reconstruction"
+
+
+def test_fine_tuning_the_bundled_model_trains_all_of_it(viewer_with_plugin, tmp_path):
+    """"Start from: bundled model" keeps its architecture but not its last recipe phase's
+    training section (which froze all but the 8x stage); the form's values apply."""
+    from napari_var_emitter.checkpoint import load_checkpoint
+    from napari_var_emitter.config import FINE_TUNING
+    from napari_var_emitter.inference import bundled_checkpoint_path
+
+    widget = _dock(viewer_with_plugin)
+    widget.source.value = TW.SOURCE_SIMULATION
+    assert widget.init.value == TW.INIT_BUNDLED
+    assert (widget.epochs.value, widget.learning_rate.value) == (
+        FINE_TUNING["num_epochs"], FINE_TUNING["learning_rate"])
+    widget.output_dir.value = str(tmp_path / "ft")
+    widget.epochs.value = 3
+    config = TW._TrainerFactory(widget._plan(resume=False)).config()
+    bundled = load_checkpoint(bundled_checkpoint_path())["config_obj"]
+    assert bundled.training.trainable  # the recipe's last phase: the 8x stage alone
+    assert config.model == bundled.model
+    assert config.training.trainable == "" and config.training.num_epochs == 3
+    assert config.training.calibrate and not config.training.progressive
 
 
 def test_bad_input_is_reported(viewer_with_plugin, qtbot, tiny_config_file, tmp_path,

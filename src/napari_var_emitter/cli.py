@@ -203,19 +203,22 @@ def cmd_simulate(a) -> int:
 
 # -- train ---------------------------------------------------------------------------------
 def cmd_train(a) -> int:
+    from .calibration import describe_calibration
+    from .checkpoint import load_checkpoint
     from .config import Config, load_config
     from .dataset import TrainingData
     from .inference import bundled_checkpoint_path
-    from .calibration import describe_calibration
     from .training import Trainer
 
+    init = bundled_checkpoint_path() if a.init == "bundled" else a.init
     if a.config:
         cfg = load_config(a.config)
     elif a.resume:
         # continuing a run: its own configuration (saved in the checkpoint) is the default
-        from .checkpoint import load_checkpoint
-
         cfg = load_checkpoint(a.resume)["config_obj"]
+    elif init:
+        # a fine-tune: the weights fix the architecture; the training section starts afresh
+        cfg = load_checkpoint(init)["config_obj"].for_fine_tuning()
     else:
         cfg = Config().validate()
     if a.epochs is not None or a.steps_per_epoch is not None or a.calibrate:
@@ -239,7 +242,6 @@ def cmd_train(a) -> int:
         if not (a.tiff_dir and a.emitter_dir):
             raise VarEmitterError("give --tiff_dir and --emitter_dir, or --simulate")
         data = TrainingData.from_folders(a.tiff_dir, a.emitter_dir, cfg)
-    init = bundled_checkpoint_path() if a.init == "bundled" else a.init
     trainer = Trainer(cfg, data, a.output_dir, device=a.device, init=init, resume=a.resume)
 
     def stop(signum, frame):  # SIGINT / SIGTERM: finish the step, write last_model.pth

@@ -354,6 +354,27 @@ class Config:
         """Build and validate from a nested dict; unknown keys or wrong types are errors."""
         return _from_dict(cls, d, source).validate()
 
+    def for_fine_tuning(self) -> "Config":
+        """The configuration a fine-tune of a model trained with this one starts from
+        (``train --init`` without ``--config``, the training widget's "Start from"): the
+        same architecture, losses, training distribution and data settings, and a fresh
+        ``training`` section, :data:`FINE_TUNING`'s values over the defaults.
+
+        A trained checkpoint's own training section describes its last recipe phase, which
+        can be anything but a fine-tune: the bundled model's last phase trained only the 8x
+        stage (``training.trainable``), which no localisation comes from.
+        """
+        d = self.to_dict()
+        d["training"] = dataclasses.asdict(TrainingConfig(**FINE_TUNING))
+        return Config.from_dict(d)
+
+
+#: ``training`` values of a fine-tune (:meth:`Config.for_fine_tuning`, and the training
+#: widget's defaults): a few CPU minutes at a low learning rate, every scale trained from
+#: the start (the scales of a trained model need no warm-up)
+FINE_TUNING = {"num_epochs": 10, "steps_per_epoch": 100, "batch_size": 16,
+               "learning_rate": 2e-4, "progressive": False}
+
 
 def load_config(path: str | os.PathLike) -> Config:
     """Read and validate a ``config.json``; any problem is a one-line :class:`ConfigError`."""

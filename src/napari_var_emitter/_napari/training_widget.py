@@ -24,6 +24,7 @@ from qtpy.QtWidgets import QProgressBar, QVBoxLayout, QWidget
 
 from ..calibration import describe_calibration
 from ..camera import Camera
+from ..config import FINE_TUNING
 from ..errors import ConfigError, VarEmitterError
 from ._workers import (TrainingControl, TrainingHistory, build_training_config,
                        finetuned_models, simulation_for_camera, training_job)
@@ -98,11 +99,14 @@ class TrainingWidget(QWidget):
         # optimisation
         self.init = ComboBox(label="Start from", choices=[INIT_BUNDLED, INIT_SCRATCH],
                              value=INIT_BUNDLED)
-        self.epochs = SpinBox(label="Epochs", min=1, max=100_000, value=10)
+        self.epochs = SpinBox(label="Epochs", min=1, max=100_000,
+                              value=FINE_TUNING["num_epochs"])
         self.learning_rate = FloatSpinBox(label="Learning rate", min=1e-6, max=1.0, step=1e-5,
-                                          value=2e-4)
-        self.batch_size = SpinBox(label="Batch size", min=1, max=4096, value=16)
-        self.steps_per_epoch = SpinBox(label="Steps per epoch", min=1, max=1_000_000, value=100)
+                                          value=FINE_TUNING["learning_rate"])
+        self.batch_size = SpinBox(label="Batch size", min=1, max=4096,
+                                  value=FINE_TUNING["batch_size"])
+        self.steps_per_epoch = SpinBox(label="Steps per epoch", min=1, max=1_000_000,
+                                       value=FINE_TUNING["steps_per_epoch"])
         self.output_dir = FileEdit(label="Output folder", mode="d",
                                    value=os.path.join(os.path.expanduser("~"), "var-emitter",
                                                       "fine-tuned"))
@@ -439,12 +443,13 @@ class _TrainerFactory:
         plan = self.plan
         if plan["config_file"]:
             return load_config(plan["config_file"])
-        start = plan["resume"] or plan["init"]
-        if start:
-            # fine-tuning needs the checkpoint's own architecture
+        if plan["resume"] or plan["init"]:
             from ..checkpoint import load_checkpoint
 
-            return load_checkpoint(start)["config_obj"]
+            if plan["resume"]:  # the run's own configuration
+                return load_checkpoint(plan["resume"])["config_obj"]
+            # a fine-tune needs the checkpoint's own architecture, not its last recipe phase
+            return load_checkpoint(plan["init"])["config_obj"].for_fine_tuning()
         return Config()
 
     def config(self):

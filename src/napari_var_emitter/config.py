@@ -370,10 +370,12 @@ class Config:
 
 
 #: ``training`` values of a fine-tune (:meth:`Config.for_fine_tuning`, and the training
-#: widget's defaults): a few CPU minutes at a low learning rate, every scale trained from
-#: the start (the scales of a trained model need no warm-up)
+#: widget's defaults): a few CPU minutes, every scale trained from the start (the scales of
+#: a trained model need no warm-up), at a low learning rate: fine-tuning the bundled model to
+#: a wide PSF, 5e-5 kept its other conditions closer to where they were than 2e-4 did
+#: (BENCHMARKS.md, session 16)
 FINE_TUNING = {"num_epochs": 10, "steps_per_epoch": 100, "batch_size": 16,
-               "learning_rate": 2e-4, "progressive": False}
+               "learning_rate": 5e-5, "progressive": False}
 
 
 def load_config(path: str | os.PathLike) -> Config:

@@ -114,7 +114,6 @@ class Calibration:
              "mean_jaccard": self.mean_jaccard, "mean_jaccard_at_0_5": self.mean_jaccard_at_0_5}
         if self.tta is not None:
             d["tta"] = self.tta.summary()
-            d["tta"].pop("mean_jaccard_at_0_5")
         return d
 
 

@@ -264,16 +264,13 @@ def cmd_train(a) -> int:
                        + (f"; sparse tiles: jaccard {m['sparse_jaccard']:.3f}, precision "
                           f"{m['sparse_precision']:.3f}" if "sparse_jaccard" in m else ""))
                 say(msg)
-            elif ev.kind == "calibrating":
-                if ev.metrics["scene"] == 1:
-                    say(
-                        f"calibrating {trainer.handed_over_checkpoint} on "
-                        f"{ev.metrics['scenes']} simulated movies ...")
+            elif ev.kind == "calibrating" and ev.metrics["scene"] == 1:
+                say(f"calibrating {trainer.handed_over_checkpoint} on "
+                    f"{ev.metrics['scenes']} simulated movies ...")
             elif ev.kind == "calibrated":
                 say(describe_calibration(ev.metrics))
             elif ev.kind == "calibration_cancelled":
-                say(
-                    "calibration interrupted: the model is trained but not calibrated "
+                say("calibration interrupted: the model is trained but not calibrated "
                     f"(var-emitter calibrate --checkpoint {trainer.handed_over_checkpoint})")
             elif ev.kind == "cancelled":
                 cancelled = True

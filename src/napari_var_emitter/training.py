@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .calibration import apply_calibration, calibration_steps
 from .checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .dataset import TrainingData, collate_targets, training_batches
 from .errors import CheckpointError, ConfigError, OutputError, VarEmitterError
-from .calibration import apply_calibration, calibration_steps
 from .inference import Predictor, decode_maps, resolve_device
 
 #: consecutive steps with a non-finite loss or gradient after which training stops

@@ -358,8 +358,7 @@ class TrainingWidget(QWidget):
         self.last_checkpoint = trainer.last_checkpoint
         self.redraw()
         if self.history.status == "done":
-            best = trainer.best_checkpoint if os.path.isfile(trainer.best_checkpoint) \
-                else trainer.last_checkpoint
+            best = trainer.handed_over_checkpoint
             if os.path.isfile(best):
                 self.best_checkpoint = best
                 finetuned_models.offer(best)

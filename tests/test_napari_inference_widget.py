@@ -233,6 +233,23 @@ def test_errors_are_notified_and_the_widget_stays_usable(viewer_with_plugin, qtb
     assert widget.status.value == "failed"
     assert _result_layers(viewer) == []
 
+    # torch's own errors are RuntimeErrors (out of memory, ...), which superqt would take for
+    # a deleted worker and swallow, leaving the widget running for ever: they are reported
+    from napari_var_emitter.inference import Predictor
+
+    def out_of_memory(self, *args, **kwargs):
+        yield from ()
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    _use_checkpoint(widget, untrained_checkpoint)
+    with monkeypatch.context() as m:
+        m.setattr(Predictor, "predict_iter", out_of_memory)
+        widget.run()
+        _wait(qtbot, widget)
+    assert messages[-1] == "inference failed: RuntimeError: CUDA out of memory (simulated)"
+    assert widget.status.value == "failed" and widget.run_button.enabled
+    assert _result_layers(viewer) == []
+
     # no fine-tuned model yet: refused before any thread starts
     monkeypatch.setattr(widget, "_finetuned_path", None)
     widget.model_source.value = IW.MODEL_FINETUNED

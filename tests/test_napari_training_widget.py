@@ -218,6 +218,36 @@ def test_bad_input_is_reported(viewer_with_plugin, qtbot, tiny_config_file, tmp_
     _wait(qtbot, widget)
     assert "no .tif" in errors[-1] and widget.history.status == ""
     assert widget.start_button.enabled
+
+    # a RuntimeError (what torch raises, e.g. out of memory) ends the run with a message,
+    # not with a widget that shows it running for ever (superqt swallows RuntimeErrors)
+    def out_of_memory(self):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(TW._TrainerFactory, "__call__", out_of_memory)
+    widget.source.value = TW.SOURCE_SIMULATION
+    widget.start()
+    _wait(qtbot, widget)
+    assert errors[-1] == "training failed: RuntimeError: out of memory (simulated)"
+    assert widget.status.value == "failed" and widget.start_button.enabled
     widget.source.value = TW.SOURCE_LAYERS
     assert widget.start() is None  # no layers open
     assert "Image layer" in errors[-1]
+
+
+def test_a_base_config_that_freezes_part_of_the_model_is_announced(
+        viewer_with_plugin, qtbot, tiny_config_file, tmp_path, monkeypatch):
+    """A base config can carry training.trainable (the bundled config.json beside the weights
+    does: its last recipe phase trained only the 8x stage); the user is told at the start."""
+    widget = _dock(viewer_with_plugin)
+    infos = []
+    monkeypatch.setattr(TW, "show_info", infos.append)
+    config = load_config(tiny_config_file)
+    config.training.trainable = "transformer.stages.2"
+    config.save(tmp_path / "partial.json")
+    widget.source.value = TW.SOURCE_SIMULATION
+    _setup(widget, tmp_path / "partial.json", tmp_path / "run", epochs=1, steps=2)
+    widget.start()
+    _wait(qtbot, widget)
+    assert widget.history.status == "done"
+    assert len(infos) == 1 and "training.trainable = 'transformer.stages.2'" in infos[0]

@@ -396,6 +396,12 @@ def test_trainable_prefixes_train_one_part_and_freeze_the_rest(tmp_path):
     cfg = tiny_config(num_epochs=1, steps_per_epoch=3, warmup_epochs=0,
                       trainable="transformer.stages.2")
     trainer = make_trainer(tmp_path, cfg)
+    n_all = sum(p.numel() for p in trainer.module.parameters())
+    n_stage = sum(p.numel() for name, p in trainer.module.named_parameters()
+                  if name.startswith("transformer.stages.2."))
+    assert trainer.partial_training_note.startswith(f"only {n_stage:,} of {n_all:,} parameters")
+    assert "'transformer.stages.2'" in trainer.partial_training_note
+    assert make_trainer(tmp_path / "all", tiny_config()).partial_training_note == ""
     before = state(trainer)
     _run(trainer)
     # parameters and buffers (the VQ codebook's EMA) outside the trained part stay put
@@ -404,6 +410,25 @@ def test_trainable_prefixes_train_one_part_and_freeze_the_rest(tmp_path):
     assert "transformer.stages.2.head.bias" in changed
     with pytest.raises(ConfigError, match="matches no parameter"):
         make_trainer(tmp_path / "bad", tiny_config(trainable="no.such.layer"))
+
+
+def test_a_trainable_part_waits_for_progressive_training_to_switch_its_scale_in(tmp_path):
+    """Training only the 8x stage while progressive training has not yet switched the 8x
+    scale in: those steps have nothing to train (no gradient at all) and change nothing; the
+    stage trains once its scale is in the loss."""
+    cfg = tiny_config(num_epochs=2, steps_per_epoch=2, warmup_epochs=2,
+                      trainable="transformer.stages.2")
+    trainer = make_trainer(tmp_path, cfg)
+    stage = {k: v for k, v in state(trainer).items() if k.startswith("transformer.stages.2.")}
+    for ev in trainer.events():
+        if ev.kind != "step":
+            continue
+        now = {k: v for k, v in state(trainer).items() if k in stage}
+        moved = any(not torch.equal(now[k], stage[k]) for k in stage)
+        # x8 joins the loss from epoch 1.5 (the 4th step's ramp): not before
+        assert moved == (ev.step >= 4), ev.step
+        assert math.isfinite(ev.losses["loss"])
+    assert ev.kind == "done"
 
 
 def test_lr_scale_prefixes_train_their_parameters_at_a_multiple_of_the_rate(tmp_path):

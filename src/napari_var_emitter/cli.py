@@ -250,6 +250,8 @@ def cmd_train(a) -> int:
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     bar = _progress_bar(trainer.end_step, trainer.step, trainer.is_main)
     say = bar.write if bar is not None else print  # a line above the progress bar
+    if trainer.is_main and trainer.partial_training_note:
+        say(trainer.partial_training_note)
     cancelled = False
     try:
         for ev in trainer.events():

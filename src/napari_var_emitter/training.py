@@ -255,6 +255,19 @@ class Trainer:
                 self.writer.flush()
 
     @property
+    def partial_training_note(self) -> str:
+        """One line when ``training.trainable`` freezes part of the model, else "": a
+        checkpoint's stored config (the bundled model's last recipe phase trained only its
+        8x stage) can carry such a setting into a run that meant to train everything."""
+        tr = self.config.training
+        if not tr.trainable_prefixes():
+            return ""
+        params = list(self.module.parameters())
+        n_train = sum(p.numel() for p in params if p.requires_grad)
+        return (f"only {n_train:,} of {sum(p.numel() for p in params):,} parameters train "
+                f"(training.trainable = {tr.trainable!r}); the rest stays frozen")
+
+    @property
     def handed_over_checkpoint(self) -> str:
         """The checkpoint a finished run hands over: best_model.pth, or last_model.pth
         when no epoch was validated."""
@@ -364,8 +377,10 @@ class Trainer:
         target = collate_targets(batch, self.device) if batch.labeled else None
         total, logs = self.loss_fn(out, target, scale_ramp=ramp if batch.labeled else {})
         finite = self._all_ranks(bool(torch.isfinite(total.detach()).item()))
-        if finite or self.distributed:
-            # under DDP every rank must run backward (its gradient all-reduce is collective)
+        if (finite or self.distributed) and total.requires_grad:
+            # under DDP every rank must run backward (its gradient all-reduce is collective).
+            # No gradient at all: every trainable parameter sits in a scale that progressive
+            # training has not switched in yet (training.trainable); the step changes nothing
             self.scaler.scale(total).backward()
         grad_ok = finite
         if finite:

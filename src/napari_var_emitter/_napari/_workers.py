@@ -8,6 +8,7 @@ through unchanged. No Qt here: the widgets wrap these generators.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -87,6 +88,36 @@ class PredictorCache:
             return self._predictor
 
 
+class WorkerError(Exception):
+    """A ``RuntimeError`` from a widget's job (torch raises them: out of memory, shapes),
+    carried out of the worker as another type (the original is ``__cause__``).
+
+    superqt takes a ``RuntimeError`` leaving a worker for a sign that the worker itself was
+    deleted, and then emits neither ``errored`` nor ``finished``: the widget would show the
+    job running for ever, with no error."""
+
+
+def reports_runtime_errors(job):
+    """Decorator for the job generators: a ``RuntimeError`` inside is re-raised as
+    :class:`WorkerError`, so the worker reports it."""
+    @functools.wraps(job)
+    def wrapped(*args, **kwargs):
+        try:
+            return (yield from job(*args, **kwargs))
+        except RuntimeError as e:
+            raise WorkerError(f"{type(e).__name__}: {e}") from e
+    return wrapped
+
+
+def failure_message(what: str, exc: BaseException) -> str:
+    """The line a widget shows for an unexpected error of its job (``what``: "training",
+    "inference"), naming the original exception."""
+    if isinstance(exc, WorkerError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{what} failed: {type(exc).__name__}: {exc}"
+
+
+@reports_runtime_errors
 def prediction_job(load_predictor, stack, predict_kwargs: dict, render=None):
     """Generator for the inference worker.
 
@@ -115,6 +146,7 @@ class TrainingControl:
             self.trainer.cancel()
 
 
+@reports_runtime_errors
 def training_job(make_trainer, control: TrainingControl):
     """Generator for the training worker: builds the trainer (data loading happens here,
     off the GUI thread), then yields each of its events and returns the trainer."""

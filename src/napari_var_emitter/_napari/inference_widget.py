@@ -27,7 +27,7 @@ from qtpy.QtWidgets import QFileDialog, QScrollArea, QVBoxLayout, QWidget
 from ..camera import Camera
 from ..errors import ConfigError, OutputError, VarEmitterError
 from ..io.atomic import atomic_path
-from ._workers import PredictorCache, finetuned_models, prediction_job
+from ._workers import PredictorCache, failure_message, finetuned_models, prediction_job
 from .camera_form import CameraForm
 from .layers import InputGeometry, is_result_of, pixel_size_from_layer, result_layer_data
 
@@ -387,7 +387,7 @@ class InferenceWidget(QWidget):
             show_error(str(exc))
         else:
             log.error("inference failed", exc_info=exc)
-            show_error(f"inference failed: {type(exc).__name__}: {exc}")
+            show_error(failure_message("inference", exc))
         self.status.value = "failed"
         self._discard_pending()
 

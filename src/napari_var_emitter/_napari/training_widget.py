@@ -27,7 +27,7 @@ from ..camera import Camera
 from ..config import FINE_TUNING
 from ..errors import ConfigError, VarEmitterError
 from ._workers import (TrainingControl, TrainingHistory, build_training_config,
-                       finetuned_models, simulation_for_camera, training_job)
+                       failure_message, finetuned_models, simulation_for_camera, training_job)
 from .camera_form import CameraForm
 from .inference_widget import _scrolling
 from .layers import (highres_factor_of, input_grid_of_highres, is_result_of, pixel_size_from_layer,
@@ -323,6 +323,10 @@ class TrainingWidget(QWidget):
             self.status.value = "cancelling after this step ..."
 
     def _on_event(self, event):
+        if not self.history.steps and event.kind == "step":  # the run's first event
+            trainer = self._control.trainer if self._control is not None else None
+            if trainer is not None and trainer.partial_training_note:
+                show_info(trainer.partial_training_note)
         self.history.add(event)
         if event.total_steps:
             self.progress.setRange(0, int(event.total_steps))
@@ -369,7 +373,7 @@ class TrainingWidget(QWidget):
             show_error(str(exc))
         else:
             log.error("training failed", exc_info=exc)
-            show_error(f"training failed: {type(exc).__name__}: {exc}")
+            show_error(failure_message("training", exc))
         self.status.value = "failed"
 
     def _on_finished(self):
